@@ -1,0 +1,407 @@
+"""MSCDetector against scikit-learn's outlier-detector contract, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone, is_outlier_detector
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
+from sklearn.utils import get_tags
+from sklearn.utils._param_validation import InvalidParameterError
+
+from msc_detector import MSCDetector
+from msc_detector.losses import LOSSES
+
+
+@pytest.fixture
+def fitted(images, fast_params) -> MSCDetector:
+    return MSCDetector(**fast_params).fit(images)
+
+
+def to_float(X: np.ndarray) -> np.ndarray:
+    return X.astype(np.float32) / 255.0
+
+
+class NormalOnlyFolds:
+    """K folds whose training part keeps only the normal images (label 1)."""
+
+    def __init__(self, n_splits: int = 2) -> None:
+        self.n_splits = n_splits
+
+    def split(self, X, y, groups=None):
+        y = np.asarray(y)
+        rng = np.random.default_rng(0)
+        normal, anomalous = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        folds = np.array_split(rng.permutation(normal), self.n_splits)
+        for i, test_normal in enumerate(folds):
+            train = np.concatenate([f for j, f in enumerate(folds) if j != i])
+            yield train, np.concatenate([test_normal, anomalous])
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return self.n_splits
+
+
+# ----------------------------------------------------------------- contract
+
+
+def test_fit_returns_self_with_fitted_attributes(images, fast_params) -> None:
+    det = MSCDetector(**fast_params)
+    assert det.fit(images) is det
+    assert det.center_.shape == (1280,) and det.center_.dtype == np.float32
+    assert det.n_train_ == 24 and det.image_size_ == 32
+    assert det.index_.ntotal == 24
+    assert len(det.history_) == 1 and {"epoch", "loss", "seconds"} <= set(det.history_[0])
+    assert not hasattr(det, "n_features_in_")
+
+
+def test_init_only_stores_parameters() -> None:
+    det = MSCDetector(lr=-5, contamination=3.0, backbone="nope")  # validated in fit, not here
+    assert det.get_params()["lr"] == -5 and det.backbone == "nope"
+
+
+def test_scores_decision_and_predict_agree(fitted, images) -> None:
+    queries = np.concatenate([images[:6], 255 - images[:6]])
+    scores = fitted.score_samples(queries)
+    decision = fitted.decision_function(queries)
+    labels = fitted.predict(queries)
+    assert scores.shape == (12,) and labels.dtype.kind == "i"
+    np.testing.assert_allclose(decision, scores - fitted.offset_)
+    np.testing.assert_array_equal(labels, np.where(decision < 0, -1, 1))
+    assert set(np.unique(labels)) <= {-1, 1}
+
+
+def test_score_is_minus_summed_squared_knn_distance(fitted, images) -> None:
+    emb = fitted.transform(images[:5])
+    train = fitted.index_.index.reconstruct_n(0, fitted.index_.ntotal)
+    d2 = ((emb[:, None, :] - train[None]) ** 2).sum(-1)
+    expected = -np.sort(d2, axis=1)[:, :2].sum(1)
+    np.testing.assert_allclose(fitted.score_samples(images[:5]), expected, atol=1e-5)
+
+
+def test_offset_is_contamination_percentile_of_leave_self_out_scores(fitted) -> None:
+    dist, idx = fitted.kneighbors()
+    assert not (idx == np.arange(24)[:, None]).any()
+    np.testing.assert_allclose(fitted.train_scores_, -(dist**2).sum(1), rtol=1e-5)
+    assert fitted.offset_ == pytest.approx(np.percentile(fitted.train_scores_, 10))
+
+
+def test_training_images_are_their_own_nearest_neighbour_when_queried(fitted, images) -> None:
+    dist, idx = fitted.kneighbors(images[:4], n_neighbors=1)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(4))
+    np.testing.assert_allclose(dist[:, 0], 0, atol=1e-3)
+
+
+@pytest.mark.parametrize("contamination", [0.1, 0.25, 0.5])
+def test_fit_predict_flags_about_contamination(images, fast_params, contamination) -> None:
+    labels = MSCDetector(**fast_params, contamination=contamination).fit_predict(images)
+    assert abs((labels == -1).mean() - contamination) <= 1 / 24 + 1e-9
+
+
+def test_transform_gives_normalised_float32_embeddings(fitted, images) -> None:
+    emb = fitted.transform(images[:7])
+    assert emb.shape == (7, 1280) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_kneighbors_validates_n_neighbors(fitted, images) -> None:
+    with pytest.raises(ValueError, match="n_neighbors"):
+        fitted.kneighbors(images[:2], n_neighbors=0)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        fitted.kneighbors(n_neighbors=24)
+    assert fitted.kneighbors(images[:2], return_distance=False).shape == (2, 2)
+
+
+def test_every_input_form_gives_the_same_scores(fitted, images, tmp_path: Path) -> None:
+    queries = images[:5]
+    expected = fitted.score_samples(queries)
+    paths = []
+    for i, a in enumerate(queries):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    forms = {
+        "float": queries.astype(np.float64) / 255.0,
+        "tensor": torch.from_numpy(queries).permute(0, 3, 1, 2),
+        "pil": [Image.fromarray(a) for a in queries],
+        "paths": paths,
+        "str paths": [str(p) for p in paths],
+        "list of arrays": list(queries),
+    }
+    for name, X in forms.items():
+        np.testing.assert_allclose(fitted.score_samples(X), expected, rtol=1e-6, err_msg=name)
+
+
+def test_grayscale_and_any_size_images_are_accepted(fast_params) -> None:
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, size=(10, 20, 28), dtype=np.uint8)
+    det = MSCDetector(**fast_params).fit(gray)
+    assert det.predict(gray[:, None].repeat(3, axis=1).transpose(0, 2, 3, 1)).shape == (10,)
+    sizes = [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in
+             [(40, 50), (17, 90), (64, 64)]]
+    assert det.score_samples(sizes).shape == (3,)
+
+
+def test_inputs_are_not_modified(images, fast_params) -> None:
+    frozen = images.copy()
+    frozen.setflags(write=False)
+    det = MSCDetector(**fast_params).fit(frozen)
+    det.score_samples(frozen)
+    np.testing.assert_array_equal(frozen, images)
+
+
+# -------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("contamination", 0.0),
+        ("contamination", 0.7),
+        ("n_neighbors", 0),
+        ("epochs", -1),
+        ("batch_size", 1),
+        ("lr", -1e-3),
+        ("temperature", 0.0),
+        ("image_size", 8),
+        ("loss", "simclr"),
+        ("precision", "fp8"),
+        ("frozen_stages", -1),
+        ("weights", 3),
+    ],
+)
+def test_out_of_range_parameters_are_rejected_in_fit(images, fast_params, param, value) -> None:
+    det = MSCDetector(**{**fast_params, param: value})
+    with pytest.raises(InvalidParameterError, match=param):
+        det.fit(images)
+
+
+def test_unknown_backbone_suggests_names(images, fast_params) -> None:
+    with pytest.raises(ValueError, match="Did you mean"):
+        MSCDetector(**fast_params, backbone="resnet_152").fit(images)
+
+
+def test_too_few_images_for_the_neighbours(images, fast_params) -> None:
+    with pytest.raises(ValueError, match=r"n_neighbors \+ 1 = 3"):
+        MSCDetector(**fast_params).fit(images[:2])
+    MSCDetector(**{**fast_params, "n_neighbors": 1}).fit(images[:2])
+
+
+def test_unavailable_devices_and_precisions_are_explained(images, fast_params) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            MSCDetector(**fast_params, device="cuda").fit(images)
+    with pytest.raises(ValueError, match="fp16"):
+        MSCDetector(**fast_params, device="cpu", precision="fp16").fit(images)
+
+
+def test_scoring_before_fit_raises_not_fitted(images) -> None:
+    det = MSCDetector()
+    for method in (det.score_samples, det.decision_function, det.predict, det.transform,
+                   det.kneighbors):
+        with pytest.raises(NotFittedError):
+            method(images)
+
+
+def test_bad_scoring_input_is_rejected(fitted) -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.score_samples(np.full((2, 32, 32), np.nan, np.float32))
+
+
+# ------------------------------------------------------------ fit behaviour
+
+
+@pytest.mark.parametrize("loss", [*sorted(LOSSES), None])
+def test_every_loss_trains(images, fast_params, loss) -> None:
+    det = MSCDetector(**{**fast_params, "loss": loss, "epochs": 2}).fit(images)
+    assert len(det.history_) == (0 if loss is None else 2)
+    assert all(np.isfinite(h["loss"]) for h in det.history_)
+
+
+def test_training_changes_the_embedding_and_kneighbors_uses_it(images, fast_params) -> None:
+    frozen = MSCDetector(**{**fast_params, "loss": None}).fit(images)
+    trained = MSCDetector(**{**fast_params, "lr": 0.05, "epochs": 2}).fit(images)
+    np.testing.assert_allclose(frozen.center_, trained.center_, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(frozen.transform(images), trained.transform(images), atol=1e-4)
+
+
+def test_frozen_parameters_do_not_move(images, fast_params) -> None:
+    from msc_detector.backbones import create_backbone
+
+    initial = create_backbone("efficientnet_lite0", weights=None)
+    torch.manual_seed(0)
+    det = MSCDetector(**{**fast_params, "lr": 0.05}).fit(images)
+    before = {
+        n: p for n, p in initial.model.named_parameters() if not p.requires_grad
+    }
+    after = dict(det.backbone_.named_parameters())
+    assert before and all(not after[n].requires_grad for n in before)
+    # BatchNorm running statistics are never updated: they equal a fresh network's.
+    fresh = MSCDetector(**{**fast_params, "loss": None}).fit(images)
+    for name, buf in fresh.backbone_.named_buffers():
+        if "running" in name:
+            torch.testing.assert_close(dict(det.backbone_.named_buffers())[name], buf)
+
+
+def test_random_state_makes_fit_reproducible_without_touching_global_rng(images, fast_params):
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    a = MSCDetector(**{**fast_params, "epochs": 2}).fit(images).score_samples(images)
+    b = MSCDetector(**{**fast_params, "epochs": 2}).fit(images).score_samples(images)
+    np.testing.assert_array_equal(a, b)
+    assert torch.equal(torch_state, torch.get_rng_state())
+    assert np.array_equal(np_state[1], np.random.get_state()[1])
+    assert py_state == random.getstate()
+    c = MSCDetector(**{**fast_params, "epochs": 2, "random_state": 1}).fit(images)
+    assert not np.array_equal(a, c.score_samples(images))
+
+
+def test_failed_fit_leaves_a_fitted_model_unchanged(fitted, images) -> None:
+    expected = fitted.score_samples(images)
+    attrs = {k: v for k, v in vars(fitted).items() if k.endswith("_")}
+    with pytest.raises(ValueError):
+        fitted.fit(np.full((5, 32, 32), np.nan, np.float32))
+    fitted.set_params(lr=-1.0)
+    with pytest.raises(InvalidParameterError):
+        fitted.fit(images)
+    fitted.set_params(lr=1e-4)
+    assert all(vars(fitted)[k] is v for k, v in attrs.items())
+    np.testing.assert_array_equal(fitted.score_samples(images), expected)
+
+
+def test_interrupted_fit_leaves_a_fitted_model_unchanged(fitted, images) -> None:
+    expected = fitted.score_samples(images)
+    weights = {k: v.clone() for k, v in fitted.backbone_.state_dict().items()}
+
+    def interrupt(epoch: int, _det: MSCDetector) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    fitted.set_params(epoch_callback=interrupt, epochs=3, lr=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        fitted.fit(images[::-1])
+    for k, v in fitted.backbone_.state_dict().items():
+        assert torch.equal(v, weights[k])
+    np.testing.assert_array_equal(fitted.score_samples(images), expected)
+
+
+def test_epoch_callback_sees_a_fitted_detector_each_epoch(images, fast_params) -> None:
+    seen = []
+
+    def follow(epoch: int, det: MSCDetector) -> None:
+        seen.append((epoch, det.score_samples(images[:3]).shape, det.offset_))
+
+    MSCDetector(**{**fast_params, "epochs": 2}, epoch_callback=follow).fit(images)
+    assert [s[0] for s in seen] == [0, 1, 2] and all(s[1] == (3,) for s in seen)
+
+
+def test_verbose_shows_progress_with_the_loss(images, fast_params, capsys) -> None:
+    MSCDetector(**{**fast_params, "verbose": 1}).fit(images)
+    err = capsys.readouterr().err
+    assert "epoch" in err and "loss=" in err
+    MSCDetector(**fast_params).fit(images)
+    assert capsys.readouterr().err == ""
+
+
+def test_fp32_and_bf16_agree_closely(images, fast_params) -> None:
+    a = MSCDetector(**{**fast_params, "loss": None, "precision": "fp32"}).fit(images)
+    b = MSCDetector(**{**fast_params, "loss": None, "precision": "bf16"}).fit(images)
+    assert a.precision_.name == "fp32" and b.precision_.name == "bf16"
+    cos = (a.transform(images) * b.transform(images)).sum(1)
+    assert cos.min() > 0.98
+
+
+# ---------------------------------------------------------------- sklearn
+
+
+def test_clone_get_and_set_params(fitted) -> None:
+    copy = clone(fitted)
+    assert copy.get_params() == fitted.get_params()
+    assert not hasattr(copy, "offset_")
+    copy.set_params(n_neighbors=5, loss="msc_angular")
+    assert copy.n_neighbors == 5 and fitted.n_neighbors == 2
+
+
+def test_tags_declare_an_image_outlier_detector() -> None:
+    det = MSCDetector()
+    tags = get_tags(det)
+    assert is_outlier_detector(det) and tags.estimator_type == "outlier_detector"
+    assert not tags.input_tags.two_d_array and tags.input_tags.three_d_array
+    assert not tags.input_tags.allow_nan and tags.requires_fit
+
+
+def test_pipeline(images, fast_params) -> None:
+    pipe = Pipeline([("scale", FunctionTransformer(to_float)), ("det", MSCDetector(**fast_params))])
+    pipe.fit(images)
+    np.testing.assert_allclose(
+        pipe.decision_function(images[:4]),
+        pipe.named_steps["det"].decision_function(to_float(images[:4])),
+    )
+    assert pipe.predict(images[:4]).shape == (4,)
+
+
+def test_cross_val_score_roc_auc_with_normal_only_training_folds(blob_images, fast_params):
+    normal, anomalies = blob_images
+    X = np.concatenate([normal, anomalies])
+    y = np.r_[np.ones(len(normal), int), np.zeros(len(anomalies), int)]
+    scores = cross_val_score(MSCDetector(**fast_params), X, y, cv=NormalOnlyFolds(2),
+                             scoring="roc_auc", error_score="raise")
+    assert scores.shape == (2,) and np.all(scores > 0.9)
+
+
+def test_grid_search_over_epochs_and_neighbours(blob_images, fast_params) -> None:
+    normal, anomalies = blob_images
+    X = np.concatenate([normal, anomalies])
+    y = np.r_[np.ones(len(normal), int), np.zeros(len(anomalies), int)]
+    search = GridSearchCV(
+        MSCDetector(**fast_params), {"epochs": [0, 1], "n_neighbors": [1, 3]},
+        cv=NormalOnlyFolds(2), scoring="roc_auc", error_score="raise",
+    ).fit(X, y)
+    assert len(search.cv_results_["params"]) == 4
+    assert search.best_params_["n_neighbors"] in (1, 3)
+    assert search.best_estimator_.n_train_ == len(X)
+
+
+# ------------------------------------------------------------- persistence
+
+
+def test_joblib_round_trip_in_a_fresh_process(fitted, images, tmp_path: Path) -> None:
+    model, data, out = tmp_path / "det.joblib", tmp_path / "x.npy", tmp_path / "s.npy"
+    joblib.dump(fitted, model)
+    np.save(data, images)
+    code = textwrap.dedent(f"""
+        import joblib, numpy as np
+        det = joblib.load({str(model)!r})
+        np.save({str(out)!r}, det.score_samples(np.load({str(data)!r})))
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    np.testing.assert_array_equal(np.load(out), fitted.score_samples(images))
+
+
+def test_a_cuda_fitted_model_loads_on_a_cpu_with_a_warning(fitted, images, monkeypatch):
+    from msc_detector.runtime import Precision
+
+    state = fitted.__getstate__()
+    state["device_"] = "cuda:0"
+    state["precision_"] = Precision("bf16", "cuda", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    restored = MSCDetector.__new__(MSCDetector)
+    with pytest.warns(UserWarning, match="fitted on cuda:0.*loaded on the CPU"):
+        restored.__setstate__(state)
+    assert restored.device_ == torch.device("cpu")
+    assert restored.precision_.device_type == "cpu"
+    cos = (restored.transform(images) * fitted.transform(images)).sum(1)
+    assert cos.min() > 0.98
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MSCDetector.__new__(MSCDetector).__setstate__(fitted.__getstate__())
