@@ -42,8 +42,12 @@ def test_same_generator_seed_reproduces_views() -> None:
 
 def test_with_every_step_off_a_full_crop_is_a_resize() -> None:
     off = AugmentConfig(
-        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0,
-        blur_p=0.0, flip_p=0.0,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        flip_p=0.0,
     )
     x = batch(3, 24)
     v1, _ = TwoViewAugment(24, MEAN, STD, off)(x, torch.Generator().manual_seed(0))
@@ -52,8 +56,12 @@ def test_with_every_step_off_a_full_crop_is_a_resize() -> None:
 
 def test_flip_and_grayscale_always_on() -> None:
     cfg = AugmentConfig(
-        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, grayscale_p=1.0,
-        blur_p=0.0, flip_p=1.0,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        jitter_p=0.0,
+        grayscale_p=1.0,
+        blur_p=0.0,
+        flip_p=1.0,
     )
     x = batch(2, 16)
     v1, _ = TwoViewAugment(16, (0, 0, 0), (1, 1, 1), cfg)(x, torch.Generator().manual_seed(0))
@@ -64,8 +72,13 @@ def test_flip_and_grayscale_always_on() -> None:
 
 def test_blur_smooths_and_keeps_the_mean() -> None:
     cfg = AugmentConfig(
-        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0,
-        blur_p=1.0, blur_sigma=(2.0, 2.0), flip_p=0.0,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=1.0,
+        blur_sigma=(2.0, 2.0),
+        flip_p=0.0,
     )
     x = batch(2, 64)
     v1, _ = TwoViewAugment(64, (0, 0, 0), (1, 1, 1), cfg)(x, torch.Generator().manual_seed(0))
@@ -75,8 +88,14 @@ def test_blur_smooths_and_keeps_the_mean() -> None:
 
 
 def test_crops_zoom_in() -> None:
-    cfg = AugmentConfig(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), jitter_p=0.0,
-                        grayscale_p=0.0, blur_p=0.0, flip_p=0.0)
+    cfg = AugmentConfig(
+        crop_scale=(0.25, 0.25),
+        crop_ratio=(1.0, 1.0),
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        flip_p=0.0,
+    )
     x = torch.zeros(4, 3, 40, 40, dtype=torch.uint8)
     x[..., ::2, :] = 255  # one-pixel stripes: a 2x zoom makes them two pixels wide
     v1, _ = TwoViewAugment(40, (0, 0, 0), (1, 1, 1), cfg)(x, torch.Generator().manual_seed(0))

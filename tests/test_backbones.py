@@ -83,7 +83,7 @@ def test_unreadable_weight_files_get_clear_errors(tmp_path: Path) -> None:
         load_state_dict_file(tmp_path / "missing.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="junk.pth"):
+    with pytest.raises(ValueError, match=r"junk\.pth"):
         load_state_dict_file(junk)
     not_state = tmp_path / "list.pth"
     torch.save([1, 2, 3], not_state)
@@ -113,8 +113,9 @@ def test_auto_weights_come_from_the_torch_hub_cache(tmp_path: Path, monkeypatch)
     torch.save(reference.state_dict(), target)
     backbone = create_backbone("resnet18")
     assert backbone.weights_source == str(target)
-    torch.testing.assert_close(backbone.model.state_dict()["conv1.weight"],
-                               reference.state_dict()["conv1.weight"])
+    torch.testing.assert_close(
+        backbone.model.state_dict()["conv1.weight"], reference.state_dict()["conv1.weight"]
+    )
 
 
 def test_frozen_stage_policy() -> None:

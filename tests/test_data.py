@@ -87,7 +87,7 @@ def test_path_files_are_decoded_lazily(rgb, tmp_path: Path) -> None:
     source = as_image_source(paths)
     paths[3].write_bytes(b"not an image any more")  # only reading it fails
     assert source.load([0, 1])[0].shape == (3, 12, 10)
-    with pytest.raises(ValueError, match="3.png"):
+    with pytest.raises(ValueError, match=r"3\.png"):
         source.load([3])
 
 
@@ -135,7 +135,7 @@ def test_bad_inputs_raise_clear_errors(X, error, match) -> None:
 
 
 def test_missing_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="nope.png"):
+    with pytest.raises(ValueError, match=r"nope\.png"):
         as_image_source([tmp_path / "nope.png"])
 
 
@@ -143,7 +143,7 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
     source = as_image_source([bad])
-    with pytest.raises(ValueError, match="notes.txt"):
+    with pytest.raises(ValueError, match=r"notes\.txt"):
         source.load([0])
 
 

@@ -25,9 +25,7 @@ def naive_nt_xent(u1: torch.Tensor, u2: torch.Tensor, t: float) -> float:
     total = 0.0
     for i in range(n):
         twin = (i + n // 2) % n
-        denom = sum(
-            math.exp(float(views[i] @ views[j]) / t) for j in range(n) if j != i
-        )
+        denom = sum(math.exp(float(views[i] @ views[j]) / t) for j in range(n) if j != i)
         total += -math.log(math.exp(float(views[i] @ views[twin]) / t) / denom)
     return total / n
 
@@ -92,9 +90,10 @@ def test_angular_center_loss_matches_loop() -> None:
     z1, z2 = unit((3, 4), 14), unit((3, 4), 15)
     c = torch.tensor([0.5, 0.1, -0.2, 0.3], dtype=torch.float64)
     cn = c / torch.linalg.norm(c)
-    expected = sum(float(((z - cn) ** 2).sum()) for z in z1) / 3 + sum(
-        float(((z - cn) ** 2).sum()) for z in z2
-    ) / 3
+    expected = (
+        sum(float(((z - cn) ** 2).sum()) for z in z1) / 3
+        + sum(float(((z - cn) ** 2).sum()) for z in z2) / 3
+    )
     assert float(angular_center_loss(z1, z2, c)) == pytest.approx(expected)
 
 
