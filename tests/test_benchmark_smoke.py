@@ -1,0 +1,61 @@
+"""Tiny runs of the benchmark scripts, so that they cannot rot (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import compare
+import one_class
+
+
+def test_one_class_digits_two_classes_resumes(tmp_path: Path, capsys) -> None:
+    argv = [
+        "--dataset",
+        "digits",
+        "--classes",
+        "0",
+        "1",
+        "--train-size",
+        "30",
+        "--test-size",
+        "120",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--weights",
+        "none",
+        "--per-epoch",
+        "--results-dir",
+        str(tmp_path),
+        "--name",
+        "smoke",
+    ]
+    result = one_class.run(argv)
+    assert set(result["classes"]) == {"0", "1"}
+    row = result["classes"]["0"]
+    assert 0.0 <= row["roc_auc"] <= 1.0 and row["n_train"] == 30
+    assert list(row["roc_auc_per_epoch"]) == ["0", "1"]
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["mean_roc_auc"] == pytest.approx(result["mean_roc_auc"])
+    assert "torch" in saved["machine"] and saved["command"].startswith("python ")
+    assert "| **mean** |" in (tmp_path / "smoke.md").read_text()
+    capsys.readouterr()
+    again = one_class.run(argv)  # every class is done: nothing is refitted
+    assert again["classes"] == result["classes"]
+    assert "class 0:" not in capsys.readouterr().out
+
+    compare.main([str(tmp_path / "smoke.json"), "--name", "cmp", "--results-dir", str(tmp_path)])
+    assert (tmp_path / "cmp_per_epoch.png").stat().st_size > 0
+    assert "| **mean** |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_missing_cifar_is_skipped_with_a_message(tmp_path: Path, capsys) -> None:
+    assert one_class.run(["--dataset", "cifar10", "--data-root", str(tmp_path)]) == {}
+    assert "cannot be downloaded here" in capsys.readouterr().out
