@@ -441,7 +441,7 @@ def create_backbone(
     spec = BackboneSpec(
         name=name,
         architecture=architecture,
-        num_features=int(model.num_features),
+        num_features=int(model.num_features),  # type: ignore[arg-type]
         preprocess=_preprocess_config(model),
         frozen_stages=int(n_frozen),
     )

@@ -342,7 +342,7 @@ class BatchedImages(torch.utils.data.Dataset):
         size: int,
         batch_size: int,
         interpolation: str = "bilinear",
-        order: Sequence[int] | None = None,
+        order: Sequence[int] | np.ndarray | None = None,
         drop_last: bool = False,
     ) -> None:
         self.source = source
@@ -407,7 +407,7 @@ class ResizedImages:
         return len(self.source)
 
     def _decode(
-        self, order: Sequence[int] | None, batch_size: int, drop_last: bool
+        self, order: Sequence[int] | np.ndarray | None, batch_size: int, drop_last: bool
     ) -> Iterator[torch.Tensor]:
         dataset = BatchedImages(
             self.source, self.size, batch_size, self.interpolation, order, drop_last
@@ -421,7 +421,10 @@ class ResizedImages:
         yield from loader
 
     def batches(
-        self, batch_size: int, order: Sequence[int] | None = None, drop_last: bool = False
+        self,
+        batch_size: int,
+        order: Sequence[int] | np.ndarray | None = None,
+        drop_last: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield ``uint8`` batches ``(b, 3, size, size)`` in ``order``.
 

@@ -59,7 +59,11 @@ def load_fashion_mnist(
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
-    folder = Path(root or os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    folder = (
+        Path(root)
+        if root is not None
+        else Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    )
     prefix = "train" if split == "train" else "t10k"
     found = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from msc_detector import persistence
 from msc_detector.augment import TwoViewAugment, center_crop_normalize
 from msc_detector.backbones import BackboneSpec, create_backbone, rebuild_backbone
-from msc_detector.data import ImageSource, ResizedImages, as_image_source
+from msc_detector.data import ImageSource, PathSource, ResizedImages, as_image_source
 from msc_detector.index import KNNIndex
 from msc_detector.losses import LOSSES, make_loss
 from msc_detector.runtime import PRECISIONS, resolve_device, resolve_precision
@@ -371,8 +371,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def _num_workers(self, source: ImageSource) -> int:
         if self.num_workers is not None:
             return int(self.num_workers)
-        from msc_detector.data import PathSource
-
         return min(4, max(0, (os.cpu_count() or 1) - 1)) if isinstance(source, PathSource) else 0
 
     def _eval_transform(self, state: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

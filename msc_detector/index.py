@@ -118,7 +118,11 @@ class KNNIndex:
         return dists[keep].reshape(-1, k), idx[keep].reshape(-1, k)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {"chunk_size": self.chunk_size, "use_gpu": self.use_gpu, "index": None}
+        state: dict[str, Any] = {
+            "chunk_size": self.chunk_size,
+            "use_gpu": self.use_gpu,
+            "index": None,
+        }
         if self.index is not None:
             state["index"] = faiss.serialize_index(self.index)
         return state
