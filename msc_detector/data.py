@@ -54,10 +54,9 @@ class ImageSource:
         """Return the images at ``indices`` as ``uint8`` tensors ``(3, H, W)``."""
         raise NotImplementedError
 
-    @property
-    def describe(self) -> str:
-        """A short description used in error messages and logs."""
-        return f"{len(self)} images"
+    def min_side(self, sample: int = 16) -> int | None:
+        """Shorter image side, the smallest over the first ``sample`` images (None: unknown)."""
+        return None
 
 
 def _to_uint8(batch: torch.Tensor) -> torch.Tensor:
@@ -76,6 +75,11 @@ class ArraySource(ImageSource):
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
+
+    def min_side(self, sample: int = 16) -> int | None:
+        """Shorter side of the images (all share one shape)."""
+        h, w = self.data.shape[1:3] if self.channels_last else self.data.shape[2:4]
+        return int(min(h, w))
 
     def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """Return the images at ``indices`` as ``uint8`` tensors ``(3, H, W)``."""
@@ -107,6 +111,10 @@ class PILSource(ImageSource):
     def __len__(self) -> int:
         return len(self.images)
 
+    def min_side(self, sample: int = 16) -> int | None:
+        """Smallest shorter side among the first ``sample`` images."""
+        return min(min(image.size) for image in self.images[:sample])
+
     def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """Return the images at ``indices`` as ``uint8`` tensors ``(3, H, W)``."""
         return [_pil_to_tensor(self.images[i]) for i in indices]
@@ -120,6 +128,17 @@ class PathSource(ImageSource):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def min_side(self, sample: int = 16) -> int | None:
+        """Smallest shorter side among the first ``sample`` files (headers only)."""
+        sides = []
+        for path in self.paths[:sample]:
+            try:
+                with Image.open(path) as image:  # reads the header, not the pixels
+                    sides.append(min(image.size))
+            except (UnidentifiedImageError, OSError):
+                continue  # reported by name when the file is decoded
+        return min(sides) if sides else None
 
     def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """Decode the files at ``indices`` into ``uint8`` tensors ``(3, H, W)``."""

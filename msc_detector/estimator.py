@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import os
 import time
 import warnings
@@ -80,11 +81,21 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Temperature of the contrastive losses.
     n_neighbors : int, default=2
         Neighbours summed in the anomaly score.
-    image_size : int or None, default=None
-        Side of the square network input; ``None`` uses the backbone's own
-        (224 for EfficientNet-Lite0). Images are resized to
-        ``image_size / crop_pct`` and centre-cropped, with the backbone's
-        interpolation.
+    image_size : int, "auto" or None, default="auto"
+        Side of the square network input. ``None`` uses the backbone's own (224 for
+        EfficientNet-Lite0). ``"auto"`` uses the backbone's own size unless the
+        training images are small: then 4x their shorter side, rounded up to a
+        multiple of 16 and at least 64 (112 for 28-pixel Fashion-MNIST, 128 for
+        32-pixel CIFAR). Upsampling further adds no detail but costs compute as the
+        square of the side: on Fashion-MNIST 112 px matched 224 px in ROC-AUC at a
+        quarter of the time (``benchmarks/results/``).
+    crop_pct : float in (0, 1] or None, default=1.0
+        Share of the resized image kept by the evaluation centre crop: images are
+        resized to ``image_size / crop_pct`` with the backbone's interpolation and
+        centre-cropped to ``image_size``. ``1.0`` keeps the whole image, so that a
+        defect near the border is never cropped away (it also scored higher on
+        Fashion-MNIST); ``None`` uses the backbone's own (0.875 for
+        EfficientNet-Lite0, the reference's resize-256/crop-224).
     contamination : float in (0, 0.5], default=0.1
         Expected share of anomalies, which sets ``offset_`` as that percentile of
         the leave-self-out training scores.
@@ -137,6 +148,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Autocast and memory-format set-up in use.
     image_size_ : int
         Resolved network input side.
+    crop_pct_ : float
+        Resolved evaluation crop share.
     n_train_ : int
         Number of training images.
 
@@ -162,7 +175,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "temperature": [Interval(Real, 0, None, closed="neither")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
-        "image_size": [Interval(Integral, 16, None, closed="left"), None],
+        "image_size": [Interval(Integral, 16, None, closed="left"), StrOptions({"auto"}), None],
+        "crop_pct": [Interval(Real, 0, 1, closed="right"), None],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "device": [str, torch.device],
         "precision": [StrOptions(set(PRECISIONS))],
@@ -185,7 +199,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         weight_decay: float = 5e-5,
         temperature: float = 0.25,
         n_neighbors: int = 2,
-        image_size: int | None = None,
+        image_size: int | str | None = "auto",
+        crop_pct: float | None = 1.0,
         contamination: float = 0.1,
         device: str | torch.device = "auto",
         precision: str = "auto",
@@ -205,6 +220,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         self.temperature = temperature
         self.n_neighbors = n_neighbors
         self.image_size = image_size
+        self.crop_pct = crop_pct
         self.contamination = contamination
         self.device = device
         self.precision = precision
@@ -259,10 +275,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
         spec = built.spec
-        size = self.image_size or spec.preprocess.input_size
+        size = _resolve_image_size(self.image_size, spec.preprocess.input_size, source)
+        crop_pct = spec.preprocess.crop_pct if self.crop_pct is None else float(self.crop_pct)
         images = ResizedImages(
             source,
-            _load_size(size, spec),
+            _load_size(size, crop_pct),
             spec.preprocess.interpolation,
             cache_bytes=_CACHE_BYTES,
             num_workers=self._num_workers(source),
@@ -274,6 +291,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             "device_": device,
             "precision_": precision,
             "image_size_": size,
+            "crop_pct_": crop_pct,
             "n_train_": len(images),
         }
         logger.info("Embedding %d training images with the pretrained %s", len(images), spec.name)
@@ -395,7 +413,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         state = self.__dict__
         images = ResizedImages(
             source,
-            _load_size(self.image_size_, self.backbone_spec_),
+            _load_size(self.image_size_, self.crop_pct_),
             self.backbone_spec_.preprocess.interpolation,
             cache_bytes=0,
             num_workers=self._num_workers(source),
@@ -644,9 +662,21 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         return tags
 
 
-def _load_size(size: int, spec: BackboneSpec) -> int:
+def _load_size(size: int, crop_pct: float) -> int:
     """Side to which images are resized before the centre crop or the random crops."""
-    return max(size, round(size / spec.preprocess.crop_pct))
+    return max(size, round(size / crop_pct))
+
+
+def _resolve_image_size(image_size: int | str | None, native: int, source: ImageSource) -> int:
+    """Network input side: as given, the backbone's (``None``) or from the images (``"auto"``)."""
+    if image_size is None:
+        return native
+    if image_size != "auto":
+        return int(image_size)
+    side = source.min_side()
+    if side is None:
+        return native
+    return min(native, max(64, 16 * math.ceil(4 * side / 16)))
 
 
 def _available_device(saved: str) -> torch.device:

@@ -43,9 +43,10 @@ unencrypted, in this order:
         ``frozen_stages``.
     ``fitted``
         The fitted scalars: ``offset_`` (number), ``image_size_`` and ``n_train_``
-        (integers), ``history_`` (list of objects), ``device_`` (the device string it was
-        fitted on, e.g. ``"cuda:0"``), ``precision_`` (``"fp32"``, ``"bf16"`` or
-        ``"fp16"``) and ``weights_source_`` (string).
+        (integers), ``crop_pct_`` (number in (0, 1]), ``history_`` (list of objects),
+        ``device_`` (the device string it was fitted on, e.g. ``"cuda:0"``),
+        ``precision_`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and ``weights_source_``
+        (string).
     ``index``
         ``{"type": "IndexFlatL2", "dim": D, "ntotal": N, "chunk_size": INT, "use_gpu":
         BOOL}`` with ``D = backbone_spec.num_features`` and ``N = fitted.n_train_``.
@@ -159,6 +160,7 @@ _CHECKED_VERSIONS = ("msc_detector", "torch", "timm", "faiss", "scikit-learn")
 _FITTED_KEYS = (
     "offset_",
     "image_size_",
+    "crop_pct_",
     "n_train_",
     "history_",
     "device_",
@@ -233,6 +235,7 @@ def _encode(detector: Any) -> list[tuple[str, bytes]]:
         "fitted": {
             "offset_": float(detector.offset_),
             "image_size_": int(detector.image_size_),
+            "crop_pct_": float(detector.crop_pct_),
             "n_train_": int(detector.n_train_),
             "history_": list(detector.history_),
             "device_": str(detector.device_),
@@ -474,6 +477,7 @@ class SavedModel:
             "device_": device,
             "precision_": precision,
             "image_size_": int(fitted["image_size_"]),
+            "crop_pct_": float(fitted["crop_pct_"]),
             "n_train_": int(fitted["n_train_"]),
             "center_": self.center,
             "index_": self.index,
@@ -893,6 +897,10 @@ def _check_metadata(path: Path, metadata: Any) -> None:
     require(_is_number(fitted["offset_"]), "fitted.offset_ must be a number")
     for key in ("image_size_", "n_train_"):
         require(_is_int(fitted[key]) and fitted[key] > 0, f"fitted.{key}: positive integer")
+    require(
+        _is_number(fitted["crop_pct_"]) and 0 < fitted["crop_pct_"] <= 1,
+        "fitted.crop_pct_ must be a number in (0, 1]",
+    )
     require(
         isinstance(fitted["history_"], list)
         and all(isinstance(entry, dict) for entry in fitted["history_"]),
