@@ -164,10 +164,14 @@ def detector_params(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs,
         "lr": args.lr,
         "batch_size": args.batch_size,
-        "image_size": args.image_size,
         "precision": args.precision,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
+    if args.image_size is not None:
+        size = args.image_size.lower()
+        params["image_size"] = None if size == "none" else size if size == "auto" else int(size)
+    if args.crop_pct is not None:
+        params["crop_pct"] = None if args.crop_pct.lower() == "none" else float(args.crop_pct)
     if args.frozen_stages is not None:
         fs = args.frozen_stages
         params["frozen_stages"] = fs if fs == "auto" else int(fs)
