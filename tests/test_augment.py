@@ -109,3 +109,14 @@ def test_center_crop_normalize() -> None:
     out = center_crop_normalize(x, 24, MEAN, STD)
     assert out.shape == (2, 3, 24, 24)
     assert torch.allclose(out, (x[..., 3:27, 3:27].float() / 255 - 0.5) / 0.5)
+
+
+def test_cpu_slices_give_the_views_of_one_pass(monkeypatch) -> None:
+    import msc_detector.augment as augment
+
+    x = batch(7, 40)
+    whole = TwoViewAugment(24, MEAN, STD)(x, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(augment, "_CPU_CHUNK_BYTES", 1)  # one image per slice
+    sliced = TwoViewAugment(24, MEAN, STD)(x, torch.Generator().manual_seed(5))
+    assert torch.allclose(whole[0], sliced[0], atol=1e-6)
+    assert torch.allclose(whole[1], sliced[1], atol=1e-6)
