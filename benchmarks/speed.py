@@ -1,0 +1,736 @@
+"""Speed benchmark: ``MSCDetector`` against a plain reference loop, in one run.
+
+Both sides fit the same backbone on the same Fashion-MNIST images of one class, at the
+same image size, for the same number of epochs with the same SGD settings and the same
+loss, then score the test set (ROC-AUC: the normal class against the rest).
+
+* **ours**: :class:`msc_detector.MSCDetector` through its public API (``fit``,
+  ``transform``, ``score_samples``) with its automatic fast path.
+* **plain**: the way the paper's public research script works, written here: fp32,
+  NCHW, no autocast; a torchvision (v1) PIL augmentation per image inside a
+  ``Dataset`` behind a plain ``DataLoader`` (``--plain-workers`` processes, 2 as in
+  the research script); ``Resize`` + ``CenterCrop`` per image for evaluation; an
+  exact ``faiss.IndexFlatL2`` with the sum of squared distances to the ``k`` nearest
+  training features. The network comes from the same factory
+  (:func:`msc_detector.backbones.create_backbone`: same weights, same frozen stages)
+  and stays in eval mode (fixed BatchNorm statistics), as ours does. The blur sigma
+  (0.1-2 pixels at 224) is scaled with the image size, as ours is.
+
+Each side runs in its own subprocess, so that its peak resident memory is its own, and
+writes ``<out-name>_<side>.json`` as soon as it finishes; a re-run with the same
+settings reuses a finished side (``--force`` redoes it). The parent then writes
+``<out-name>.json`` and ``<out-name>.md`` with the speed-ups and the ROC-AUC difference.
+
+Measured per side: training throughput (augmented views per second, epochs only),
+wall time of the whole fit (ours includes its leave-self-out training scores),
+embedding throughput, latency of scoring one image (median) and ``--score-n`` images
+(10,000 by default, the test set repeated if smaller), peak resident memory
+(``ru_maxrss`` of the side's process), ROC-AUC, and the achieved GFLOP/s of the
+embedding forward pass and of training (FLOPs counted with
+``torch.utils.flop_counter.FlopCounterMode``, its depthwise backward formula
+corrected) against the peak of a large matmul timed in the same process at the
+side's precision (fp32 for plain, the autocast dtype for ours).
+
+Timings need a quiet machine: with other processes on the cores, every parallel
+region waits for a descheduled thread and the numbers mean nothing.
+
+Examples
+--------
+Final CPU runs on a quiet 2-core machine (estimates: 112 px about 8 minutes, 224 px
+about 20 minutes)::
+
+    python benchmarks/speed.py --image-size 112
+    python benchmarks/speed.py --image-size 224 --train-size 3000
+
+On a CUDA machine::
+
+    python benchmarks/speed.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIDES = ("ours", "plain")
+TARGET_SPEEDUP = 3.0
+TARGET_AUC_POINTS = 0.3
+# Settings that do not change what is measured (left out of the resume check).
+_NOT_SETTINGS = {"sides", "out_name", "results_dir", "force", "worker_side"}
+
+# Environment variables that change CPU performance, recorded with the results.
+_ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--class", dest="normal_class", type=int, default=0, help="normal class")
+    p.add_argument("--train-size", type=int, default=None, help="training images (default: all)")
+    p.add_argument("--test-size", type=int, default=None, help="test images (default: all)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the detector's")
+    p.add_argument("--image-size", type=int, default=None, help="default: the detector's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the detector's")
+    p.add_argument("--backbone", default=None, help="default: the detector's")
+    p.add_argument("--weights", default="auto", help="'auto', 'none' or a state-dict file")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", default="auto", help="ours only; plain is always fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-n", type=int, default=10_000, help="images in the big scoring run")
+    p.add_argument("--embed-n", type=int, default=2000, help="images timed for embedding")
+    p.add_argument("--latency-reps", type=int, default=7, help="timed 1-image scorings")
+    p.add_argument("--plain-workers", type=int, default=2, help="plain DataLoader workers")
+    p.add_argument("--threads", type=int, default=None, help="torch and Faiss threads")
+    p.add_argument("--peak-seconds", type=float, default=2.0, help="matmul timing budget")
+    p.add_argument("--sides", choices=("both", *SIDES), default="both")
+    p.add_argument("--out-name", default=None, help="default: speed_<device>_<image size>")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--force", action="store_true", help="redo sides already measured")
+    p.add_argument("--worker-side", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(list(argv) if argv is not None else None)
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every setting both sides use, with the detector's defaults filled in."""
+    from msc_detector import MSCDetector
+    from msc_detector.backbones import create_backbone
+
+    defaults = MSCDetector().get_params()
+    backbone = args.backbone or defaults["backbone"]
+    weights = None if args.weights.lower() == "none" else args.weights
+    image_size = args.image_size or defaults["image_size"]
+    if image_size is None:
+        image_size = create_backbone(backbone, None).spec.preprocess.input_size
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    settings.update(
+        backbone=backbone,
+        weights=weights,
+        image_size=int(image_size),
+        device=device,
+        epochs=int(args.epochs if args.epochs is not None else defaults["epochs"]),
+        batch_size=int(args.batch_size or defaults["batch_size"]),
+        lr=float(defaults["lr"]),
+        weight_decay=float(defaults["weight_decay"]),
+        temperature=float(defaults["temperature"]),
+        n_neighbors=int(defaults["n_neighbors"]),
+        frozen_stages=defaults["frozen_stages"],
+    )
+    return settings
+
+
+# ------------------------------------------------------------------------ data, tools
+
+
+def load_data(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training images of the normal class, test images and their normal/anomaly target."""
+    from msc_detector.datasets import load_fashion_mnist
+
+    x_tr, y_tr = load_fashion_mnist("train")
+    x_te, y_te = load_fashion_mnist("test")
+    rng = np.random.default_rng(settings["seed"])
+    train = x_tr[y_tr == settings["normal_class"]]
+    if settings["train_size"] is not None and settings["train_size"] < len(train):
+        train = train[np.sort(rng.permutation(len(train))[: settings["train_size"]])]
+    if settings["test_size"] is not None and settings["test_size"] < len(x_te):
+        keep = np.sort(rng.permutation(len(x_te))[: settings["test_size"]])
+        x_te, y_te = x_te[keep], y_te[keep]
+    return (
+        np.ascontiguousarray(train),
+        np.ascontiguousarray(x_te),
+        (y_te == settings["normal_class"]).astype(int),
+    )
+
+
+def cycle_to(images: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` images of ``images`` repeated cyclically."""
+    return images[np.arange(n) % len(images)]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:
+    """Run ``fn`` and return its result and wall seconds (device work included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB.
+
+    Forked children (plain's DataLoader workers) share the parent's pages copy-on-write,
+    so their own ``ru_maxrss`` would mostly count the parent again; they are left out.
+    """
+    scale = 1.0 / 2**20 if sys.platform == "darwin" else 1.0 / 2**10  # bytes vs KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def matmul_peak_gflops(device: str, dtype: torch.dtype, budget_s: float) -> float:
+    """Best achieved GFLOP/s of a large square matmul in ``dtype`` on ``device``."""
+    n = 8192 if device.startswith("cuda") else 2048
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    for _ in range(2):  # warm-up: kernel selection, page faults
+        torch.mm(a, b)
+    best, spent, reps = float("inf"), 0.0, 0
+    while reps < 3 or spent < budget_s:
+        _, seconds = timed(lambda: torch.mm(a, b), device)
+        best, spent, reps = min(best, seconds), spent + seconds, reps + 1
+    return 2.0 * n**3 / best / 1e9
+
+
+def _conv_backward_flops(
+    grad_out_shape: Sequence[int],
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    _groups: int,
+    output_mask: Sequence[bool],
+    **kwargs: Any,
+) -> int:
+    """FLOPs of a convolution's backward: each gradient asked for costs one forward.
+
+    Replaces torch's formula, which ignores ``groups`` and so counts a depthwise
+    convolution's backward as if it were dense (``groups`` times too many FLOPs).
+    """
+    macs = math.prod(x_shape if transposed else grad_out_shape) * math.prod(w_shape[1:])
+    return 2 * macs * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def count_flops(settings: dict[str, Any], batch: int = 2) -> dict[str, float]:
+    """FLOPs per image of the embedding forward and per view of one training step.
+
+    Counted on a fresh fp32 copy of the network on the CPU: the count depends on the
+    architecture, the input size and the frozen stages, not on precision or device.
+    A training step is the forward pass plus the backward pass of the trainable layers.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from msc_detector.backbones import create_backbone
+
+    model = create_backbone(settings["backbone"], None, settings["frozen_stages"]).model.eval()
+    size = settings["image_size"]
+    x = torch.randn(batch, 3, size, size)
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+        model(x)
+    forward = counter.get_total_flops() / batch
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(x).float().square().sum().backward()
+    train = counter.get_total_flops() / batch
+    return {"embed_gflop_per_image": forward / 1e9, "train_gflop_per_view": train / 1e9}
+
+
+def machine() -> dict[str, Any]:
+    """Hardware and library versions."""
+    import faiss
+    import sklearn
+    import timm
+    import torchvision
+
+    import msc_detector
+    from msc_detector.runtime import cpu_supports_bf16
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "cpu_native_bf16": cpu_supports_bf16(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "msc_detector": msc_detector.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "faiss": faiss.__version__,
+        "sklearn": sklearn.__version__,
+        "numpy": np.__version__,
+        "environment": {k: os.environ.get(k) for k in _ENVIRONMENT if k in os.environ},
+    }
+
+
+# ------------------------------------------------------------------------- our side
+
+
+def run_ours(settings: dict[str, Any], data: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    """Measure ``MSCDetector`` through its public API."""
+    from msc_detector import MSCDetector
+
+    train = data[0]
+    device = settings["device"]
+    det = MSCDetector(
+        settings["backbone"],
+        weights=settings["weights"],
+        loss="msc",
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        temperature=settings["temperature"],
+        n_neighbors=settings["n_neighbors"],
+        image_size=settings["image_size"],
+        device=device,
+        precision=settings["precision"],
+        frozen_stages=settings["frozen_stages"],
+        random_state=settings["seed"],
+    )
+    _, fit_s = timed(lambda: det.fit(train), device)
+    train_s = sum(h["seconds"] for h in det.history_)
+    batch = min(settings["batch_size"], len(train))
+    views = 2 * (len(train) // batch) * batch * settings["epochs"]
+    print(f"[ours] fit {fit_s:.1f}s ({views / max(train_s, 1e-9):.1f} views/s in epochs)")
+    return {
+        "precision": det.precision_.name,
+        "channels_last": det.precision_.channels_last,
+        "fit_seconds": fit_s,
+        "train_seconds": train_s,
+        "train_views": views,
+        "epoch_seconds": [h["seconds"] for h in det.history_],
+        "final_loss": det.history_[-1]["loss"] if det.history_ else None,
+        **measure_scoring(det.transform, det.score_samples, data, settings, "ours"),
+    }
+
+
+# ----------------------------------------------------------------------- plain side
+
+
+class _PILGaussianBlur:
+    """Blur a PIL image with a Gaussian of random sigma (SimCLR / MoCo-v2 style)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, image: Any) -> Any:
+        from PIL import ImageFilter
+
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class _PILImages(torch.utils.data.Dataset):
+    """Grayscale uint8 arrays served as RGB PIL images through a per-image transform."""
+
+    def __init__(self, images: np.ndarray, transform: Callable[[Any], Any], views: int = 1):
+        self.images = images
+        self.transform = transform
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Any:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i]).convert("RGB")
+        if self.views == 1:
+            return self.transform(image)
+        return tuple(self.transform(image) for _ in range(self.views))
+
+
+class PlainMSC:
+    """The reference recipe, written plainly: fp32, NCHW, PIL transforms per image."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from torchvision import transforms as T
+
+        from msc_detector.backbones import create_backbone
+
+        self.settings = settings
+        self.device = torch.device(settings["device"])
+        built = create_backbone(
+            settings["backbone"], settings["weights"], settings["frozen_stages"]
+        )
+        self.model = built.model.to(self.device).eval()
+        pre = built.spec.preprocess
+        size = settings["image_size"]
+        interpolation = T.InterpolationMode(pre.interpolation)
+        normalize = T.Normalize(pre.mean, pre.std)
+        blur_scale = size / 224  # sigma 0.1-2 pixels at 224, the same share of the image as ours
+        self.eval_transform = T.Compose(
+            [
+                T.Resize(max(size, round(size / pre.crop_pct)), interpolation=interpolation),
+                T.CenterCrop(size),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
+        self.train_transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=interpolation),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([_PILGaussianBlur((0.1 * blur_scale, 2.0 * blur_scale))], p=0.5),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
+        self.index: Any = None
+        self.epoch_seconds: list[float] = []
+        self.losses: list[float] = []
+
+    def _loader(self, dataset: _PILImages, batch: int, **kw: Any) -> Any:
+        workers = self.settings["plain_workers"] if len(dataset) > batch else 0
+        return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, **kw)
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised fp32 features."""
+        self.model.eval()
+        loader = self._loader(_PILImages(images, self.eval_transform), self.settings["batch_size"])
+        out = [F.normalize(self.model(x.to(self.device)), dim=1).cpu().numpy() for x in loader]
+        return np.concatenate(out)
+
+    def fit(self, images: np.ndarray) -> PlainMSC:
+        import faiss
+
+        from msc_detector.losses import mean_shifted_contrastive_loss
+
+        s = self.settings
+        features = self.embed(images)
+        center = torch.from_numpy(features.mean(axis=0)).to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=s["lr"], weight_decay=s["weight_decay"])
+        batch = min(s["batch_size"], len(images))
+        loader = self._loader(
+            _PILImages(images, self.train_transform, views=2),
+            batch,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(s["seed"]),
+        )
+        for epoch in range(s["epochs"]):
+            self.model.eval()  # BatchNorm statistics stay fixed, as in ours
+            start = time.perf_counter()
+            total = 0.0
+            for view1, view2 in loader:
+                x = torch.cat([view1, view2]).to(self.device)
+                z = F.normalize(self.model(x), dim=1)
+                n = view1.shape[0]
+                loss = mean_shifted_contrastive_loss(z[:n], z[n:], center, s["temperature"])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+            synchronize(s["device"])
+            self.epoch_seconds.append(time.perf_counter() - start)
+            self.losses.append(total / max(len(loader), 1))
+            print(f"[plain] epoch {epoch + 1}: {self.epoch_seconds[-1]:.1f}s")
+        features = self.embed(images)
+        self.index = faiss.IndexFlatL2(features.shape[1])
+        self.index.add(features)
+        return self
+
+    def score_samples(self, images: np.ndarray) -> np.ndarray:
+        """Minus the sum of squared distances to the k nearest training features."""
+        dists, _ = self.index.search(self.embed(images), self.settings["n_neighbors"])
+        return -dists.sum(axis=1, dtype=np.float64)
+
+
+def run_plain(settings: dict[str, Any], data: tuple[np.ndarray, ...]) -> dict[str, Any]:
+    """Measure the plain reference loop."""
+    torch.manual_seed(settings["seed"])
+    random.seed(settings["seed"])
+    train = data[0]
+    plain = PlainMSC(settings)
+    _, fit_s = timed(lambda: plain.fit(train), settings["device"])
+    train_s = sum(plain.epoch_seconds)
+    batch = min(settings["batch_size"], len(train))
+    views = 2 * (len(train) // batch) * batch * settings["epochs"]
+    print(f"[plain] fit {fit_s:.1f}s ({views / max(train_s, 1e-9):.1f} views/s in epochs)")
+    return {
+        "precision": "fp32",
+        "channels_last": False,
+        "fit_seconds": fit_s,
+        "train_seconds": train_s,
+        "train_views": views,
+        "epoch_seconds": plain.epoch_seconds,
+        "final_loss": plain.losses[-1] if plain.losses else None,
+        **measure_scoring(plain.embed, plain.score_samples, data, settings, "plain"),
+    }
+
+
+# -------------------------------------------------------------------- shared measures
+
+
+def measure_scoring(
+    embed: Callable[[np.ndarray], np.ndarray],
+    score: Callable[[np.ndarray], np.ndarray],
+    data: tuple[np.ndarray, ...],
+    settings: dict[str, Any],
+    side: str,
+) -> dict[str, Any]:
+    """Embedding throughput, 1-image and ``score_n``-image latency, ROC-AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    _, test, is_normal = data
+    device = settings["device"]
+    embed_set = cycle_to(test, settings["embed_n"])
+    _, embed_s = timed(lambda: embed(embed_set), device)
+    one = test[:1]
+    score(one)  # warm-up
+    latencies = [timed(lambda: score(one), device)[1] for _ in range(settings["latency_reps"])]
+    score_set = cycle_to(test, settings["score_n"])
+    scores, score_s = timed(lambda: score(score_set), device)
+    if len(score_set) < len(test):
+        scores = score(test)
+    auc = float(roc_auc_score(is_normal, scores[: len(test)]))
+    print(
+        f"[{side}] embedding {len(embed_set) / embed_s:.1f} img/s; scoring 1 image "
+        f"{1e3 * statistics.median(latencies):.1f} ms, {len(score_set)} images {score_s:.1f}s; "
+        f"ROC-AUC {100 * auc:.2f}"
+    )
+    return {
+        "embed_images": len(embed_set),
+        "embed_seconds": embed_s,
+        "embed_images_per_second": len(embed_set) / embed_s,
+        "score_1_seconds_median": statistics.median(latencies),
+        "score_1_seconds_all": latencies,
+        "score_n_images": len(score_set),
+        "score_n_seconds": score_s,
+        "roc_auc": auc,
+    }
+
+
+def run_side(side: str, settings: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Measure one side in this process and write its JSON."""
+    if settings["threads"]:
+        import faiss
+
+        torch.set_num_threads(settings["threads"])
+        faiss.omp_set_num_threads(settings["threads"])
+    data = load_data(settings)
+    baseline = peak_rss_mb()
+    metrics = (run_ours if side == "ours" else run_plain)(settings, data)
+    metrics["peak_rss_mb"] = peak_rss_mb()  # before the FLOP count and the matmul add theirs
+    metrics["rss_after_loading_data_mb"] = baseline
+    if settings["device"].startswith("cuda"):
+        metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    metrics.update(count_flops(settings))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        metrics["precision"], torch.float32
+    )
+    peak = matmul_peak_gflops(settings["device"], dtype, settings["peak_seconds"])
+    metrics["train_views_per_second"] = metrics["train_views"] / max(
+        metrics["train_seconds"], 1e-9
+    )
+    metrics["peak_matmul_gflops"] = peak
+    metrics["peak_matmul_dtype"] = str(dtype).removeprefix("torch.")
+    metrics["embed_gflops"] = metrics["embed_gflop_per_image"] * metrics["embed_images_per_second"]
+    metrics["train_gflops"] = metrics["train_gflop_per_view"] * metrics["train_views_per_second"]
+    metrics["embed_fraction_of_peak"] = metrics["embed_gflops"] / peak
+    metrics["train_fraction_of_peak"] = metrics["train_gflops"] / peak
+    result = {
+        "side": side,
+        "settings": settings,
+        "machine": machine(),
+        "n_train": len(data[0]),
+        "n_test": len(data[1]),
+        "metrics": metrics,
+    }
+    write_json(path, result)
+    print(f"[{side}] peak RSS {metrics['peak_rss_mb']:.0f} MiB; wrote {path}")
+    return result
+
+
+# ----------------------------------------------------------------------- the report
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarize(sides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Speed-ups of ours over plain (>1: ours faster) and the ROC-AUC difference."""
+    if set(sides) != set(SIDES):
+        return {}
+    o, p = sides["ours"]["metrics"], sides["plain"]["metrics"]
+    out = {
+        "fit_speedup": _ratio(p["fit_seconds"], o["fit_seconds"]),
+        "train_throughput_speedup": _ratio(
+            o["train_views_per_second"], p["train_views_per_second"]
+        ),
+        "embed_throughput_speedup": _ratio(
+            o["embed_images_per_second"], p["embed_images_per_second"]
+        ),
+        "score_n_speedup": _ratio(p["score_n_seconds"], o["score_n_seconds"]),
+        "score_1_speedup": _ratio(p["score_1_seconds_median"], o["score_1_seconds_median"]),
+        "peak_rss_ratio": _ratio(o["peak_rss_mb"], p["peak_rss_mb"]),
+        "roc_auc_difference_points": 100.0 * (o["roc_auc"] - p["roc_auc"]),
+    }
+    out["targets"] = {
+        "fit_speedup_at_least_3x": out["fit_speedup"] >= TARGET_SPEEDUP,
+        "score_speedup_at_least_3x": out["score_n_speedup"] >= TARGET_SPEEDUP,
+        "roc_auc_within_0.3_points": abs(out["roc_auc_difference_points"]) <= TARGET_AUC_POINTS,
+    }
+    return out
+
+
+_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("precision", "precision", "{}"),
+    ("fit_seconds", "fit, wall (s)", "{:.1f}"),
+    ("train_seconds", "of which training epochs (s)", "{:.1f}"),
+    ("train_views_per_second", "training (augmented views/s)", "{:.1f}"),
+    ("embed_images_per_second", "embedding (img/s)", "{:.1f}"),
+    ("score_1_seconds_median", "scoring 1 image, median (ms)", "ms"),
+    ("score_n_seconds", "scoring {n} images (s)", "{:.1f}"),
+    ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}"),
+    ("peak_gpu_memory_mb", "peak GPU memory (MiB)", "{:.0f}"),
+    ("roc_auc", "ROC-AUC (%)", "pct"),
+    ("embed_gflops", "embedding GFLOP/s", "{:.1f}"),
+    ("train_gflops", "training GFLOP/s", "{:.1f}"),
+    ("peak_matmul_gflops", "matmul peak GFLOP/s (same dtype)", "{:.1f}"),
+    ("embed_fraction_of_peak", "embedding / peak (%)", "pct"),
+    ("train_fraction_of_peak", "training / peak (%)", "pct"),
+)
+
+
+def _fmt(value: Any, how: str) -> str:
+    if value is None:
+        return "-"
+    if how == "ms":
+        return f"{1e3 * value:.1f}"
+    if how == "pct":
+        return f"{100 * value:.2f}"
+    return how.format(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    sides = report["sides"]
+    first = next(iter(sides.values()))
+    n = first["metrics"]["score_n_images"]
+    lines = [
+        f"# {report['name']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {json.dumps(first['machine'])}",
+        "",
+        f"Settings: {json.dumps(report['settings'])}; {first['n_train']} training images, "
+        f"{first['n_test']} test images.",
+        "",
+        "| metric | plain | ours |",
+        "|---|---|---|",
+    ]
+    for key, label, how in _ROWS:
+        cells = [
+            _fmt(sides[s]["metrics"].get(key), how) if s in sides else "-"
+            for s in ("plain", "ours")
+        ]
+        lines.append(f"| {label.format(n=n)} | {cells[0]} | {cells[1]} |")
+    summary = report["summary"]
+    if summary:
+        lines += [
+            "",
+            "| comparison (ours vs plain) | value | target |",
+            "|---|---|---|",
+            f"| fit speed-up | {summary['fit_speedup']:.2f}x | >= {TARGET_SPEEDUP:.0f}x |",
+            f"| scoring {n} images speed-up | {summary['score_n_speedup']:.2f}x | "
+            f">= {TARGET_SPEEDUP:.0f}x |",
+            f"| scoring 1 image speed-up | {summary['score_1_speedup']:.2f}x | |",
+            f"| training throughput speed-up | {summary['train_throughput_speedup']:.2f}x | |",
+            f"| embedding throughput speed-up | {summary['embed_throughput_speedup']:.2f}x | |",
+            f"| peak RSS, ours / plain | {summary['peak_rss_ratio']:.2f} | |",
+            f"| ROC-AUC difference (points) | {summary['roc_auc_difference_points']:+.2f} | "
+            f"within {TARGET_AUC_POINTS} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (each side in a subprocess) and return the combined report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    settings = resolve_settings(args)
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = args.out_name or f"speed_{settings['device']}_{settings['image_size']}"
+    if args.worker_side is not None:
+        return run_side(args.worker_side, settings, out_dir / f"{name}_{args.worker_side}.json")
+
+    wanted = SIDES if args.sides == "both" else (args.sides,)
+    sides: dict[str, dict[str, Any]] = {}
+    for side in SIDES:
+        path = out_dir / f"{name}_{side}.json"
+        previous = json.loads(path.read_text()) if path.exists() else None
+        same = previous is not None and previous.get("settings") == json.loads(
+            json.dumps(settings, default=str)
+        )
+        if side in wanted and (args.force or not same):
+            print(f"=== {side} ===", flush=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker-side", side]
+            subprocess.run(cmd, check=True)
+            previous, same = json.loads(path.read_text()), True
+        elif same:
+            print(f"=== {side}: reusing {path} ===")
+        if same and previous is not None:
+            sides[side] = previous
+    report = {
+        "name": name,
+        "command": "python " + " ".join(["benchmarks/speed.py", *argv]),
+        "settings": settings,
+        "summary": summarize(sides),
+        "sides": sides,
+    }
+    write_json(out_dir / f"{name}.json", report)
+    table = markdown(report)
+    (out_dir / f"{name}.md").write_text(table)
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
