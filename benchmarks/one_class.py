@@ -29,16 +29,15 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine_info import machine
 from sklearn.metrics import roc_auc_score
 
-import msc_detector
 from msc_detector import MSCDetector
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,34 +97,6 @@ def load_dataset(name: str, root: str | None) -> tuple[np.ndarray, ...]:
             raise DatasetMissing(f"{name} needs --data-root (a torchvision-format folder).")
         return _cifar(Path(root).expanduser(), coarse=name == "cifar100")
     raise ValueError(f"unknown dataset {name!r}")
-
-
-def machine() -> dict[str, Any]:
-    """Describe the hardware and library versions the run used."""
-    import faiss
-    import sklearn
-    import timm
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "msc_detector": msc_detector.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "faiss": faiss.__version__,
-        "sklearn": sklearn.__version__,
-    }
-    return info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -53,7 +53,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import resource
 import statistics
@@ -67,6 +66,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine_info import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("ours", "plain")
@@ -76,8 +76,6 @@ TARGET_AUC_POINTS = 0.3
 _NOT_SETTINGS = {"sides", "out_name", "results_dir", "force", "worker_side"}
 
 # Environment variables that change CPU performance, recorded with the results.
-_ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLIBC_TUNABLES", "LD_PRELOAD")
-
 T = TypeVar("T")
 
 
@@ -254,44 +252,6 @@ def count_flops(settings: dict[str, Any], batch: int = 2) -> dict[str, float]:
         model(x).float().square().sum().backward()
     train = counter.get_total_flops() / batch
     return {"embed_gflop_per_image": forward / 1e9, "train_gflop_per_view": train / 1e9}
-
-
-def machine() -> dict[str, Any]:
-    """Hardware and library versions."""
-    import faiss
-    import sklearn
-    import timm
-    import torchvision
-
-    import msc_detector
-    from msc_detector.runtime import cpu_supports_bf16
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    cuda = torch.cuda.is_available()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "cpu_native_bf16": cpu_supports_bf16(),
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "cuda": torch.version.cuda if cuda else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "msc_detector": msc_detector.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "faiss": faiss.__version__,
-        "sklearn": sklearn.__version__,
-        "numpy": np.__version__,
-        "environment": {k: os.environ.get(k) for k in _ENVIRONMENT if k in os.environ},
-    }
 
 
 # ------------------------------------------------------------------------- our side
