@@ -117,9 +117,13 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     defaults = MSCDetector().get_params()
     backbone = args.backbone or defaults["backbone"]
     weights = None if args.weights.lower() == "none" else args.weights
+    preprocess = create_backbone(backbone, None).spec.preprocess
     image_size = args.image_size or defaults["image_size"]
     if image_size is None:
-        image_size = create_backbone(backbone, None).spec.preprocess.input_size
+        image_size = preprocess.input_size
+    elif image_size == "auto":  # the detector's rule for 28-pixel Fashion-MNIST images
+        image_size = min(preprocess.input_size, max(64, 16 * math.ceil(4 * 28 / 16)))
+    crop_pct = defaults["crop_pct"]
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,6 +132,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         backbone=backbone,
         weights=weights,
         image_size=int(image_size),
+        crop_pct=float(preprocess.crop_pct if crop_pct is None else crop_pct),
         device=device,
         epochs=int(args.epochs if args.epochs is not None else defaults["epochs"]),
         batch_size=int(args.batch_size or defaults["batch_size"]),
@@ -274,6 +279,7 @@ def run_ours(settings: dict[str, Any], data: tuple[np.ndarray, ...]) -> dict[str
         temperature=settings["temperature"],
         n_neighbors=settings["n_neighbors"],
         image_size=settings["image_size"],
+        crop_pct=settings["crop_pct"],
         device=device,
         precision=settings["precision"],
         frozen_stages=settings["frozen_stages"],
@@ -352,7 +358,9 @@ class PlainMSC:
         blur_scale = size / 224  # sigma 0.1-2 pixels at 224, the same share of the image as ours
         self.eval_transform = T.Compose(
             [
-                T.Resize(max(size, round(size / pre.crop_pct)), interpolation=interpolation),
+                T.Resize(
+                    max(size, round(size / settings["crop_pct"])), interpolation=interpolation
+                ),
                 T.CenterCrop(size),
                 T.ToTensor(),
                 normalize,
