@@ -9,6 +9,19 @@ from msc_detector.augment import AugmentConfig, TwoViewAugment, center_crop_norm
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
+def only(**steps: object) -> AugmentConfig:
+    """A configuration with every step off (full square crops), except ``steps``."""
+    off = {
+        "crop_scale": (1.0, 1.0),
+        "crop_ratio": (1.0, 1.0),
+        "jitter_p": 0.0,
+        "grayscale_p": 0.0,
+        "blur_p": 0.0,
+        "flip_p": 0.0,
+    }
+    return AugmentConfig(**{**off, **steps})  # type: ignore[arg-type]
+
+
 def batch(n: int = 6, side: int = 40) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
@@ -41,28 +54,14 @@ def test_same_generator_seed_reproduces_views() -> None:
 
 
 def test_with_every_step_off_a_full_crop_is_a_resize() -> None:
-    off = AugmentConfig(
-        crop_scale=(1.0, 1.0),
-        crop_ratio=(1.0, 1.0),
-        jitter_p=0.0,
-        grayscale_p=0.0,
-        blur_p=0.0,
-        flip_p=0.0,
-    )
+    off = only()
     x = batch(3, 24)
     v1, _ = TwoViewAugment(24, MEAN, STD, off)(x, torch.Generator().manual_seed(0))
     assert torch.allclose(v1, normalize(x.float() / 255, MEAN, STD), atol=1e-5)
 
 
 def test_flip_and_grayscale_always_on() -> None:
-    cfg = AugmentConfig(
-        crop_scale=(1.0, 1.0),
-        crop_ratio=(1.0, 1.0),
-        jitter_p=0.0,
-        grayscale_p=1.0,
-        blur_p=0.0,
-        flip_p=1.0,
-    )
+    cfg = only(grayscale_p=1.0, flip_p=1.0)
     x = batch(2, 16)
     v1, _ = TwoViewAugment(16, (0, 0, 0), (1, 1, 1), cfg)(x, torch.Generator().manual_seed(0))
     assert torch.allclose(v1[:, 0], v1[:, 1]) and torch.allclose(v1[:, 1], v1[:, 2])
@@ -71,15 +70,7 @@ def test_flip_and_grayscale_always_on() -> None:
 
 
 def test_blur_smooths_and_keeps_the_mean() -> None:
-    cfg = AugmentConfig(
-        crop_scale=(1.0, 1.0),
-        crop_ratio=(1.0, 1.0),
-        jitter_p=0.0,
-        grayscale_p=0.0,
-        blur_p=1.0,
-        blur_sigma=(2.0, 2.0),
-        flip_p=0.0,
-    )
+    cfg = only(blur_p=1.0, blur_sigma=(2.0, 2.0))
     x = batch(2, 64)
     v1, _ = TwoViewAugment(64, (0, 0, 0), (1, 1, 1), cfg)(x, torch.Generator().manual_seed(0))
     raw = x.float() / 255
@@ -88,14 +79,7 @@ def test_blur_smooths_and_keeps_the_mean() -> None:
 
 
 def test_crops_zoom_in() -> None:
-    cfg = AugmentConfig(
-        crop_scale=(0.25, 0.25),
-        crop_ratio=(1.0, 1.0),
-        jitter_p=0.0,
-        grayscale_p=0.0,
-        blur_p=0.0,
-        flip_p=0.0,
-    )
+    cfg = only(crop_scale=(0.25, 0.25))
     x = torch.zeros(4, 3, 40, 40, dtype=torch.uint8)
     x[..., ::2, :] = 255  # one-pixel stripes: a 2x zoom makes them two pixels wide
     v1, _ = TwoViewAugment(40, (0, 0, 0), (1, 1, 1), cfg)(x, torch.Generator().manual_seed(0))
