@@ -113,6 +113,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Every setting both sides use, with the detector's defaults filled in."""
     from msc_detector import MSCDetector
     from msc_detector.backbones import create_backbone
+    from msc_detector.data import auto_image_size
 
     defaults = MSCDetector().get_params()
     backbone = args.backbone or defaults["backbone"]
@@ -121,8 +122,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     image_size = args.image_size or defaults["image_size"]
     if image_size is None:
         image_size = preprocess.input_size
-    elif image_size == "auto":  # the detector's rule for 28-pixel Fashion-MNIST images
-        image_size = min(preprocess.input_size, max(64, 16 * math.ceil(4 * 28 / 16)))
+    elif image_size == "auto":  # the detector's rule, for 28-pixel Fashion-MNIST images
+        image_size = auto_image_size(preprocess.input_size, 28)
     crop_pct = defaults["crop_pct"]
     device = args.device
     if device == "auto":

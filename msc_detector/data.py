@@ -34,6 +34,7 @@ __all__ = [
     "PathSource",
     "ResizedImages",
     "as_image_source",
+    "auto_image_size",
     "resize_square",
 ]
 
@@ -301,6 +302,29 @@ def as_image_source(X: Any) -> ImageSource:
         f"X has unsupported type {type(X).__name__}; expected a numpy array, a torch tensor or "
         "a list of PIL images, file paths or numpy arrays."
     )
+
+
+def auto_image_size(native: int, min_side: int | None) -> int:
+    """Network input side for images whose shorter side is ``min_side`` pixels.
+
+    The backbone's own ``native`` size, unless the images are small: then 4x their
+    shorter side, rounded up to a multiple of 16 and at least 64. Upsampling further
+    adds no detail but costs compute as the square of the side.
+
+    Parameters
+    ----------
+    native : int
+        The backbone's input size.
+    min_side : int or None
+        Shorter image side; ``None`` (unknown) gives ``native``.
+
+    Returns
+    -------
+    int
+    """
+    if min_side is None:
+        return native
+    return min(native, max(64, 16 * math.ceil(4 * min_side / 16)))
 
 
 def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
