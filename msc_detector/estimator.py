@@ -30,6 +30,7 @@ from msc_detector.data import (
     as_image_source,
     auto_image_size,
 )
+from msc_detector.folding import fold_batchnorm
 from msc_detector.index import KNNIndex
 from msc_detector.losses import LOSSES, make_loss
 from msc_detector.runtime import PRECISIONS, resolve_device, resolve_precision
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 _CACHE_BYTES = 3 * 2**30
 # Images embedded and searched per scoring chunk: bounds memory for huge inputs.
 _SCORE_CHUNK = 4096
+# Attribute caching the BatchNorm-folded view of ``backbone_`` (never saved or pickled).
+_COMPUTE_BACKBONE = "_compute_backbone"
 
 
 class MSCDetector(OutlierMixin, BaseEstimator):
@@ -281,7 +284,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             built = create_backbone(self.backbone, self.weights, self.frozen_stages)
-        model = built.model.to(device)
+        model = built.model.to(device).eval()
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
         spec = built.spec
@@ -332,6 +335,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     ) -> np.ndarray:
         """Fine-tune ``state["backbone_"]`` in place; return the final training embeddings."""
         model, device, precision = state["backbone_"], state["device_"], state["precision_"]
+        compute = _compute_backbone(state)
         spec: BackboneSpec = state["backbone_spec_"]
         generator = torch.Generator().manual_seed(seed)
         shuffle = np.random.default_rng(seed)
@@ -362,7 +366,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
             order = shuffle.permutation(len(images))
             mean_loss = train_epoch(
-                model,
+                compute,
                 images.batches(batch_size, order, drop_last=True),
                 augment,
                 loss_fn,
@@ -409,7 +413,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     def _embed(self, state: dict[str, Any], batches: Iterator[torch.Tensor]) -> np.ndarray:
         return embed_batches(
-            state["backbone_"],
+            _compute_backbone(state),
             batches,
             self._eval_transform(state),
             state["device_"],
@@ -431,7 +435,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         chunk: list[np.ndarray] = []
         held = 0
         for emb in iter_embeddings(
-            self.backbone_,
+            _compute_backbone(state),
             images.batches(self.batch_size),
             self._eval_transform(state),
             self.device_,
@@ -563,6 +567,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state.pop(_COMPUTE_BACKBONE, None)
         model = state.pop("backbone_", None)
         if model is not None:
             buffer = io.BytesIO()
@@ -703,3 +708,21 @@ def _available_device(saved: str) -> torch.device:
         )
         return torch.device("cpu")
     return device
+
+
+def _compute_backbone(state: dict[str, Any]) -> torch.nn.Module:
+    """Return the network that computes for ``state["backbone_"]`` (its folded view).
+
+    Built once per network (it shares the network's parameters, so training it trains
+    ``backbone_``) and cached in ``state``; see :mod:`msc_detector.folding`.
+    """
+    model = state["backbone_"]
+    cached = state.get(_COMPUTE_BACKBONE)
+    if cached is None or cached[0] is not model:
+        size = int(state["image_size_"])
+        example = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(0)).to(
+            state["device_"]
+        )
+        cached = (model, fold_batchnorm(model, example))
+        state[_COMPUTE_BACKBONE] = cached
+    return cached[1]
