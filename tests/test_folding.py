@@ -13,7 +13,7 @@ from torch import nn
 
 from msc_detector import MSCDetector
 from msc_detector.backbones import freeze_stages
-from msc_detector.folding import FoldedConv, fold_batchnorm
+from msc_detector.folding import FoldedConv, conv2d_same, fold_batchnorm
 from msc_detector.runtime import Precision
 
 
@@ -110,6 +110,41 @@ def test_bf16_autocast_training_step_matches_unfolded() -> None:
         with precision.train_autocast():
             losses.append(float(net(x).detach().float().pow(2).mean()))
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+@pytest.mark.parametrize("size", [7, 8, 15, 56])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "groups"),
+    [
+        (3, 2, 1, 4),
+        (5, 2, 1, 4),
+        (3, 1, 1, 1),
+        (1, 2, 1, 1),
+        (4, 2, 1, 1),
+        (3, 2, 2, 4),
+    ],
+)
+def test_conv2d_same_matches_timm(
+    size: int, kernel: int, stride: int, dilation: int, groups: int
+) -> None:
+    torch.manual_seed(size)
+    reference = timm.layers.create_conv2d(
+        4, 8, kernel, stride=stride, dilation=dilation, padding="same", groups=groups
+    ).double()
+    if type(reference).__name__ != "Conv2dSame":  # timm pads statically where it can
+        reference = timm.layers.Conv2dSame(
+            4, 8, kernel, stride=stride, dilation=dilation, groups=groups
+        ).double()
+    x = torch.randn(2, 4, size, size + 1, dtype=torch.double, requires_grad=True)
+    expected = reference(x)
+    (expected_dx,) = torch.autograd.grad(expected.sum(), x)
+    weight = reference.weight.detach().clone().requires_grad_(True)
+    got = conv2d_same(x, weight, reference.bias, (stride, stride), (dilation, dilation), groups)
+    dx, dw = torch.autograd.grad(got.sum(), (x, weight))
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(dx, expected_dx)
+    (expected_dw,) = torch.autograd.grad(reference(x).sum(), reference.weight)
+    torch.testing.assert_close(dw, expected_dw)
 
 
 class _ConvUsedTwice(nn.Module):
