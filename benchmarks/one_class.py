@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", default=None, help="pixels, 'auto' or 'none'")
     p.add_argument("--crop-pct", default=None, help="evaluation crop share, or 'none'")
     p.add_argument("--frozen-stages", default=None)
+    p.add_argument(
+        "--min-crop-area", type=float, default=None, help="training crop's smallest area share"
+    )
     p.add_argument("--train-size", type=int, default=None, help="training images per class")
     p.add_argument("--test-size", type=int, default=None, help="random test subset")
     p.add_argument("--classes", type=int, nargs="*", default=None)
@@ -136,6 +139,7 @@ def detector_params(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr,
         "batch_size": args.batch_size,
         "precision": args.precision,
+        "min_crop_area": args.min_crop_area,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     if args.image_size is not None:

@@ -181,12 +181,30 @@ def test_inputs_are_not_modified(images, fast_params) -> None:
         ("precision", "fp8"),
         ("frozen_stages", -1),
         ("weights", 3),
+        ("min_crop_area", 0.0),
+        ("min_crop_area", 1.5),
     ],
 )
 def test_out_of_range_parameters_are_rejected_in_fit(images, fast_params, param, value) -> None:
     det = MSCDetector(**{**fast_params, param: value})
     with pytest.raises(InvalidParameterError, match=param):
         det.fit(images)
+
+
+def test_min_crop_area_sets_the_training_crop(images, fast_params, monkeypatch) -> None:
+    import msc_detector.estimator as estimator_module
+
+    used = []
+
+    class Recording(estimator_module.TwoViewAugment):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            used.append(self.config.crop_scale)
+
+    monkeypatch.setattr(estimator_module, "TwoViewAugment", Recording)
+    MSCDetector(**fast_params).fit(images)
+    MSCDetector(**fast_params, min_crop_area=1.0).fit(images)
+    assert used == [(0.2, 1.0), (1.0, 1.0)]
 
 
 def test_unknown_backbone_suggests_names(images, fast_params) -> None:
