@@ -74,18 +74,17 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         (PANDA-style compactness) are the paper's baselines; ``None`` skips
         fine-tuning (kNN on pretrained features).
     epochs : int, default=1
-        Passes over the training images. On Fashion-MNIST with the default backbone
-        at 112 px, every learning rate we tried lowered the ROC-AUC of the hardest
-        classes a little more with each epoch (T-shirt, 6,000 images: 92.8 before
-        training, 92.5 after one epoch and 92.4 after two at ``lr=1e-4``;
-        ``benchmarks/results/tuning/``), so one conservative epoch is the default.
-        The paper's gains came from ResNet-152 on natural images with 20 epochs at
-        ``lr=1e-5``; use that on a GPU.
+        Passes over the training images. One epoch at ``lr=1e-4`` keeps a fit of
+        6,000 images at 224 px to a few minutes on two CPU cores; on Fashion-MNIST
+        it raised the ROC-AUC of the default backbone at 224 px (T-shirt 92.9 ->
+        93.4), while at 112 px every epoch lowered it a little
+        (``benchmarks/README.md``, section 3). The paper's recipe is ResNet-152 on
+        natural images, 20 epochs at ``lr=1e-5``; use that on a GPU.
     batch_size : int, default=64
         Images per training batch (each gives two views) and per embedding batch.
     lr : float, default=1e-4
-        SGD learning rate (no momentum, as in the reference). At ``1e-3`` the
-        ROC-AUC on Fashion-MNIST fell faster; see ``epochs``.
+        SGD learning rate (no momentum, as in the reference). At ``1e-3`` and 112
+        px the ROC-AUC on Fashion-MNIST fell faster; see ``epochs``.
     weight_decay : float, default=5e-5
         SGD weight decay.
     temperature : float, default=0.25
