@@ -82,7 +82,9 @@ class FoldedConv(nn.Module):
             return self._fold()
         key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            # Ordinary tensors even under inference_mode, so that a later training
+            # pass may use the cache of frozen layers.
+            with torch.inference_mode(False), torch.no_grad():
                 weight, bias = self._fold()
             self._cache = (key, weight, bias)
         return self._cache[1], self._cache[2]
@@ -191,16 +193,17 @@ def _after_norm(norm: nn.Module) -> nn.Module:
 def _conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """Names of (convolution, BatchNorm) pairs where the norm reads the conv's output."""
     names = {id(m): name for name, m in model.named_modules()}
-    producer: dict[int, nn.Module] = {}
+    # Outputs are kept alive, so that no other tensor can reuse their ids.
+    producer: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     pairs: list[tuple[str, str]] = []
     seen: set[int] = set()
 
     def after_conv(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-        producer[id(output)] = module
+        producer[id(output)] = (module, output)
 
     def before_norm(module: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
-        conv = producer.get(id(inputs[0]))
-        if conv is None or id(conv) in seen or id(module) in seen:
+        conv, output = producer.get(id(inputs[0]), (None, None))
+        if conv is None or output is not inputs[0] or id(conv) in seen or id(module) in seen:
             return
         seen.update((id(conv), id(module)))
         pairs.append((names[id(conv)], names[id(module)]))

@@ -88,6 +88,20 @@ def test_training_the_view_trains_the_original_network() -> None:
         torch.testing.assert_close(view(x), reference(x), rtol=1e-9, atol=1e-12)
 
 
+def test_cache_filled_under_inference_mode_serves_training() -> None:
+    model = _networks()[0]
+    freeze_stages(model, 3)
+    x = torch.randn(2, 3, 64, 64)
+    view = fold_batchnorm(model, x[:1])
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(0)  # a new version: the caches filled by the check are stale
+    with torch.inference_mode():
+        view(x)  # caches every layer again, frozen ones included
+    view(x.requires_grad_(True)).sum().backward()  # no "inference tensor" error
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_cache_follows_in_place_changes() -> None:
     model = _networks()[1]
     x = torch.randn(2, 3, 64, 64)
