@@ -133,7 +133,8 @@ class Backbone:
     Attributes
     ----------
     model : torch.nn.Module
-        Maps ``(n, 3, H, W)`` normalised images to ``(n, num_features)`` features.
+        Maps ``(n, 3, H, W)`` normalised images to ``(n, num_features)`` features; in
+        eval mode, which the method keeps throughout (also while training).
     spec : BackboneSpec
         Architecture, preprocessing and frozen-layer policy.
     weights_source : str
@@ -445,7 +446,7 @@ def create_backbone(
         preprocess=_preprocess_config(model),
         frozen_stages=int(n_frozen),
     )
-    return Backbone(model=model, spec=spec, weights_source=source)
+    return Backbone(model=model.eval(), spec=spec, weights_source=source)
 
 
 def rebuild_backbone(spec: BackboneSpec, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -297,7 +297,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             built = create_backbone(self.backbone, self.weights, self.frozen_stages)
-        model = built.model.to(device).eval()
+        model = built.model.to(device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
         spec = built.spec
@@ -404,7 +404,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             if self.epoch_callback is not None or epoch == self.epochs - 1:
                 features = self._embed(state, images.batches(self.batch_size))
                 self._call_back(epoch + 1, state, features)
-        model.eval()
         return features
 
     def _call_back(self, epoch: int, state: dict[str, Any], features: np.ndarray) -> None:

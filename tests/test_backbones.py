@@ -50,7 +50,8 @@ def test_bundled_lite0_weights_map_in_order_onto_timm() -> None:
 
 def test_headless_output_has_num_features() -> None:
     backbone = create_backbone("resnet18", weights=None)
-    out = backbone.model.eval()(torch.zeros(2, 3, 32, 32))
+    assert not backbone.model.training  # BatchNorm statistics stay fixed from the start
+    out = backbone.model(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, backbone.spec.num_features) == (2, 512)
 
 
