@@ -185,8 +185,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             result = previous
         else:
             print(f"{path} holds other settings; starting it afresh")
-    result["command"] = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
-    result["machine"] = machine()
+    # A resumed run keeps the command and machine of its first classes; a class fitted
+    # under other conditions (threads, versions) records its own.
+    command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
+    current = machine()
+    result.setdefault("command", command)
+    result.setdefault("machine", current)
+    computed = False
 
     for cls in classes:
         if str(cls) in result["classes"]:
@@ -221,23 +226,38 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         }
         if per_epoch:
             row["roc_auc_per_epoch"] = {str(k): v for k, v in sorted(per_epoch.items())}
+        if current != result["machine"]:
+            row["machine"] = current
+            row["command"] = command
         result["classes"][str(cls)] = row
+        computed = True
         print(
             f"class {cls}: ROC-AUC {100 * row['roc_auc']:.2f}  fit {fit_seconds:.0f}s  "
             f"scoring {row['score_images_per_second']:.0f} img/s",
             flush=True,
         )
         write(result, path)
-    table = write(result, path)
+    table = write(result, path) if computed else render(result, path)
     print(table)
     return result
 
 
 def write(result: dict[str, Any], path: Path) -> str:
     """Write JSON and Markdown; return the Markdown table."""
+    aucs = [r["roc_auc"] for r in result["classes"].values()]
+    result["mean_roc_auc"] = float(np.mean(aucs)) if aucs else None
+    table = render(result, path)
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    path.with_suffix(".md").write_text(table)
+    return table
+
+
+def render(result: dict[str, Any], path: Path) -> str:
+    """The Markdown report of ``result``."""
     rows = result["classes"]
     aucs = [r["roc_auc"] for r in rows.values()]
-    result["mean_roc_auc"] = float(np.mean(aucs)) if aucs else None
     lines = [
         f"# {path.stem}",
         "",
@@ -259,12 +279,11 @@ def write(result: dict[str, Any], path: Path) -> str:
     if aucs:
         fit = np.mean([r["fit_seconds"] for r in rows.values()])
         lines.append(f"| **mean** | **{100 * np.mean(aucs):.2f}** | {fit:.0f} | | | |")
-    table = "\n".join(lines) + "\n"
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    path.with_suffix(".md").write_text(table)
-    return table
+    for cls, r in rows.items():
+        if "machine" in r:
+            own = json.dumps(r["machine"])
+            lines += ["", f"Class {cls} was fitted by `{r['command']}` on: {own}"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

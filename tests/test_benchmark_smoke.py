@@ -56,6 +56,31 @@ def test_one_class_digits_two_classes_resumes(tmp_path: Path, capsys) -> None:
     assert "| **mean** |" in (tmp_path / "cmp.md").read_text()
 
 
+def test_resume_keeps_the_first_machine_and_marks_classes_fitted_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    base = ["--dataset", "digits", "--train-size", "20", "--test-size", "60", "--loss", "none"]
+    base += ["--image-size", "32", "--weights", "none", "--results-dir", str(tmp_path)]
+    base += ["--name", "mixed"]
+    one_class.run([*base, "--classes", "0"])
+    first = json.loads((tmp_path / "mixed.json").read_text())
+    written = (tmp_path / "mixed.json").stat().st_mtime_ns
+
+    one_class.run([*base, "--classes", "0"])  # nothing new: the files are left alone
+    assert (tmp_path / "mixed.json").stat().st_mtime_ns == written
+
+    elsewhere = {**first["machine"], "torch_threads": 99}
+    monkeypatch.setattr(one_class, "machine", lambda: elsewhere)
+    one_class.run([*base, "--classes", "0", "1"])
+    saved = json.loads((tmp_path / "mixed.json").read_text())
+    assert saved["machine"] == first["machine"] and saved["command"] == first["command"]
+    assert "machine" not in saved["classes"]["0"]
+    assert saved["classes"]["1"]["machine"]["torch_threads"] == 99
+    assert saved["classes"]["1"]["command"].endswith("--classes 0 1")
+    assert '"torch_threads": 99' in (tmp_path / "mixed.md").read_text()
+    capsys.readouterr()
+
+
 def test_missing_cifar_is_skipped_with_a_message(tmp_path: Path, capsys) -> None:
     assert one_class.run(["--dataset", "cifar10", "--data-root", str(tmp_path)]) == {}
     assert "cannot be downloaded here" in capsys.readouterr().out
