@@ -105,7 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="folder of the data set's files")
     p.add_argument("--backbone", default=None, help="timm name (default: the detector's)")
     p.add_argument("--weights", default="auto")
-    p.add_argument("--loss", default="msc", help="msc, msc_angular, contrastive, center or none")
+    p.add_argument(
+        "--loss",
+        default=None,
+        help="msc, msc_angular, contrastive, center or none (default: the detector's)",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -130,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def detector_params(args: argparse.Namespace) -> dict[str, Any]:
     """Only the settings given on the command line; the rest are the detector's defaults."""
     params: dict[str, Any] = {"device": args.device, "random_state": args.seed}
-    params["loss"] = None if args.loss.lower() == "none" else args.loss
+    if args.loss is not None:
+        params["loss"] = None if args.loss.lower() == "none" else args.loss
     if args.weights != "auto":
         params["weights"] = None if args.weights.lower() == "none" else args.weights
     optional = {
@@ -168,7 +173,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     resolved = MSCDetector(**params).get_params()
     resolved.pop("epoch_callback")
     classes = args.classes if args.classes else sorted(np.unique(y_tr).tolist())
-    name = args.name or f"{args.dataset}_{params['loss'] or 'none'}"
+    name = args.name or f"{args.dataset}_{resolved['loss'] or 'none'}"
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
@@ -210,7 +215,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         ) -> None:
             store[epoch] = float(roc_auc_score(target, det.score_samples(x_te)))
 
-        extra = {"epoch_callback": follow} if args.per_epoch and params["loss"] else {}
+        extra = {"epoch_callback": follow} if args.per_epoch and resolved["loss"] else {}
         start = time.perf_counter()
         det = MSCDetector(**params, **extra).fit(train)
         fit_seconds = time.perf_counter() - start

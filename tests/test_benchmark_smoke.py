@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from msc_detector import MSCDetector
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import compare
@@ -46,6 +48,8 @@ def test_one_class_digits_two_classes_resumes(tmp_path: Path, capsys) -> None:
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["mean_roc_auc"] == pytest.approx(result["mean_roc_auc"])
     assert "torch" in saved["machine"] and saved["command"].startswith("python ")
+    # no --loss: the detector's own default is what gets measured
+    assert saved["settings"]["params"]["loss"] == str(MSCDetector().loss)
     assert "| **mean** |" in (tmp_path / "smoke.md").read_text()
     capsys.readouterr()
     again = one_class.run(argv)  # every class is done: nothing is refitted
