@@ -13,7 +13,6 @@ from msc_detector import MSCDetector
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import compare
-import feature_variants
 import one_class
 
 
@@ -84,25 +83,6 @@ def test_resume_keeps_the_first_machine_and_marks_classes_fitted_elsewhere(
     assert saved["classes"]["1"]["command"].endswith("--classes 0 1")
     assert '"torch_threads": 99' in (tmp_path / "mixed.md").read_text()
     capsys.readouterr()
-
-
-def test_feature_variants_scores_every_variant_and_reuses_its_cache(
-    tmp_path: Path, capsys
-) -> None:
-    argv = ["--dataset", "digits", "--settings", "resnet18:32", "resnet18:48"]
-    argv += ["--weights", "none", "--cache-dir", str(tmp_path / "cache")]
-    argv += ["--results-dir", str(tmp_path), "--name", "fv"]
-    result = feature_variants.run(argv)
-    expected = {"resnet18:32", "resnet18:48", "resnet18:32 hflip", "resnet18:48 hflip"}
-    assert set(result["roc_auc"]) == expected | {"resnet18:32 + resnet18:48"}
-    assert all(len(row) == 10 for row in result["roc_auc"].values())
-    assert all(0.0 <= v <= 1.0 for row in result["roc_auc"].values() for v in row.values())
-    assert "img/s" in capsys.readouterr().out
-    assert "| resnet18:32 + resnet18:48 |" in (tmp_path / "fv.md").read_text()
-
-    again = feature_variants.run(argv)  # embeddings come from the cache
-    assert "img/s" not in capsys.readouterr().out
-    assert again["mean_roc_auc"] == pytest.approx(result["mean_roc_auc"])
 
 
 def test_missing_cifar_is_skipped_with_a_message(tmp_path: Path, capsys) -> None:
