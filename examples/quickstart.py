@@ -62,8 +62,9 @@ def main() -> None:
     )
 
     # The default detector: EfficientNet-Lite0 with its bundled ImageNet weights and the
-    # mean-shifted contrastive loss, at the network's own input size (224 px; pass
-    # image_size="auto" for 112 px, about three times faster on a CPU).
+    # mean-shifted contrastive loss with its angular centre term, at the network's own
+    # input size (224 px; pass image_size="auto" for 112 px, about three times faster on
+    # a CPU).
     detector = MSCDetector(random_state=0)
     start = time.perf_counter()
     detector.fit(X_normal)
