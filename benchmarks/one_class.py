@@ -196,7 +196,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     current = machine()
     result.setdefault("command", command)
     result.setdefault("machine", current)
-    computed = False
 
     for cls in classes:
         if str(cls) in result["classes"]:
@@ -235,15 +234,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             row["machine"] = current
             row["command"] = command
         result["classes"][str(cls)] = row
-        computed = True
         print(
             f"class {cls}: ROC-AUC {100 * row['roc_auc']:.2f}  fit {fit_seconds:.0f}s  "
             f"scoring {row['score_images_per_second']:.0f} img/s",
             flush=True,
         )
-        write(result, path)
-    table = write(result, path) if computed else render(result, path)
-    print(table)
+        write(result, path)  # after every class, so that a stopped run keeps it
+    print(render(result, path))
     return result
 
 
