@@ -119,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--min-crop-area", type=float, default=None, help="training crop's smallest area share"
     )
+    p.add_argument(
+        "--flip-average",
+        choices=("on", "off"),
+        default=None,
+        help="average each image's embedding with its mirror's (default: the detector's)",
+    )
     p.add_argument("--train-size", type=int, default=None, help="training images per class")
     p.add_argument("--test-size", type=int, default=None, help="random test subset")
     p.add_argument("--classes", type=int, nargs="*", default=None)
@@ -152,6 +158,8 @@ def detector_params(args: argparse.Namespace) -> dict[str, Any]:
         params["image_size"] = None if size == "none" else size if size == "auto" else int(size)
     if args.crop_pct is not None:
         params["crop_pct"] = None if args.crop_pct.lower() == "none" else float(args.crop_pct)
+    if args.flip_average is not None:
+        params["flip_average"] = args.flip_average == "on"
     if args.frozen_stages is not None:
         fs = args.frozen_stages
         params["frozen_stages"] = fs if fs == "auto" else int(fs)

@@ -75,9 +75,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         mean-shifted contrastive loss alone; ``"contrastive"`` (SimCLR without the
         mean shift) and ``"center"`` (PANDA-style compactness) are the paper's
         baselines; ``None`` skips fine-tuning (kNN on pretrained features). On
-        Fashion-MNIST with the default backbone at 224 px, one epoch of
-        ``"msc_angular"`` gave a mean ROC-AUC of 95.78 against 95.56 for ``"msc"``
-        and 95.51 without fine-tuning (``benchmarks/README.md``).
+        Fashion-MNIST with the default backbone at 224 px (before flip averaging), one
+        epoch of ``"msc_angular"`` gave a mean ROC-AUC of 95.78 against 95.56 for
+        ``"msc"`` and 95.51 without fine-tuning (``benchmarks/README.md``).
     epochs : int, default=1
         Passes over the training images. One epoch at ``lr=1e-4`` keeps a fit of
         6,000 images at 224 px to about three minutes on two CPU cores. A second
@@ -96,6 +96,14 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Temperature of the contrastive losses.
     n_neighbors : int, default=2
         Neighbours summed in the anomaly score.
+    flip_average : bool, default=True
+        Embed every image (training and scored alike) together with its left-right
+        mirror and use the normalised mean of the two embeddings. An image and its
+        mirror then get the same score, so set it to ``False`` where a mirrored
+        object is itself an anomaly (a left part on a line of right parts). It
+        doubles the embedding work of ``fit`` and of scoring; the training steps are
+        unchanged. On Fashion-MNIST it raised the ROC-AUC of the hardest classes
+        by up to 0.24 points (``benchmarks/README.md``).
     image_size : int, "auto" or None, default=None
         Side of the square network input. ``None`` uses the backbone's own (224 for
         EfficientNet-Lite0), as the reference does. ``"auto"`` is the faster choice
@@ -177,6 +185,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Resolved network input side.
     crop_pct_ : float
         Resolved evaluation crop share.
+    flip_average_ : bool
+        Whether embeddings average an image and its mirror (``flip_average`` at fit).
     n_train_ : int
         Number of training images.
 
@@ -202,6 +212,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "temperature": [Interval(Real, 0, None, closed="neither")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "flip_average": ["boolean"],
         "image_size": [Interval(Integral, 16, None, closed="left"), StrOptions({"auto"}), None],
         "crop_pct": [Interval(Real, 0, 1, closed="right"), None],
         "min_crop_area": [Interval(Real, 0, 1, closed="right")],
@@ -227,6 +238,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         weight_decay: float = 5e-5,
         temperature: float = 0.25,
         n_neighbors: int = 2,
+        flip_average: bool = True,
         image_size: int | str | None = None,
         crop_pct: float | None = 1.0,
         min_crop_area: float = 0.2,
@@ -248,6 +260,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.temperature = temperature
         self.n_neighbors = n_neighbors
+        self.flip_average = flip_average
         self.image_size = image_size
         self.crop_pct = crop_pct
         self.min_crop_area = min_crop_area
@@ -322,6 +335,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             "precision_": precision,
             "image_size_": size,
             "crop_pct_": crop_pct,
+            "flip_average_": bool(self.flip_average),
             "n_train_": len(images),
         }
         logger.info("Embedding %d training images with the pretrained %s", len(images), spec.name)
@@ -439,6 +453,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             self._eval_transform(state),
             state["device_"],
             state["precision_"],
+            state["flip_average_"],
         )
 
     def _iter_chunks(self, X: Any) -> Iterator[np.ndarray]:
@@ -461,6 +476,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             self._eval_transform(state),
             self.device_,
             self.precision_,
+            self.flip_average_,
         ):
             chunk.append(emb)
             held += len(emb)
@@ -600,8 +616,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
+        # Pickled before flip averaging existed: keep the behaviour it was fitted with.
+        state.setdefault("flip_average", False)
         blob = state.pop("_backbone_state", None)
         if blob is not None:
+            state.setdefault("flip_average_", False)
             spec = BackboneSpec.from_dict(state["backbone_spec_"])
             weights = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             device = _available_device(state["device_"])

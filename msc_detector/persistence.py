@@ -35,7 +35,10 @@ unencrypted, in this order:
         ``get_params(deep=False)``. Path-likes and :class:`torch.device` are written as
         strings; values JSON cannot hold (the callable ``epoch_callback``, a
         ``RandomState`` instance as ``random_state``) are written as ``null``, and
-        saving warns that they were dropped. They only matter for a new ``fit``.
+        saving warns that they were dropped. They only matter for a new ``fit``, except
+        ``n_neighbors``, which scoring uses. A parameter that a file lacks because it
+        was written before the parameter existed is read with the value that version
+        behaved as: ``flip_average=False``.
     ``backbone_spec``
         :meth:`BackboneSpec.to_dict <msc_detector.backbones.BackboneSpec.to_dict>`:
         ``name``, ``architecture`` (a timm name), ``num_features``, ``preprocess``
@@ -43,7 +46,9 @@ unencrypted, in this order:
         ``frozen_stages``.
     ``fitted``
         The fitted scalars: ``offset_`` (number), ``image_size_`` and ``n_train_``
-        (integers), ``crop_pct_`` (number in (0, 1]), ``history_`` (list of objects),
+        (integers), ``crop_pct_`` (number in (0, 1]), ``flip_average_`` (boolean;
+        files written before it existed lack it and are read as ``false``),
+        ``history_`` (list of objects),
         ``device_`` (the device string it was fitted on, e.g. ``"cuda:0"``),
         ``precision_`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and ``weights_source_``
         (string).
@@ -155,6 +160,9 @@ _SAFETENSORS_ITEMSIZE = {
 }
 _SAFETENSORS_HEADER_LIMIT = 100 * 2**20
 _PRECISIONS = ("fp32", "bf16", "fp16")
+# Parameters added after format version 1, with the value that gives a file written
+# before they existed the behaviour it was saved with.
+_ADDED_PARAMS: dict[str, Any] = {"flip_average": False}
 # Libraries whose version change can change scores or break loading.
 _CHECKED_VERSIONS = ("msc_detector", "torch", "timm", "faiss", "scikit-learn")
 _FITTED_KEYS = (
@@ -236,6 +244,7 @@ def _encode(detector: Any) -> list[tuple[str, bytes]]:
             "offset_": float(detector.offset_),
             "image_size_": int(detector.image_size_),
             "crop_pct_": float(detector.crop_pct_),
+            "flip_average_": bool(detector.flip_average_),
             "n_train_": int(detector.n_train_),
             "history_": list(detector.history_),
             "device_": str(detector.device_),
@@ -451,7 +460,8 @@ class SavedModel:
         -------
         dict
             ``backbone_``, ``backbone_spec_``, ``weights_source_``, ``device_``,
-            ``precision_``, ``image_size_``, ``n_train_``, ``center_``, ``index_``,
+            ``precision_``, ``image_size_``, ``crop_pct_``, ``flip_average_``,
+            ``n_train_``, ``center_``, ``index_``,
             ``train_scores_``, ``offset_`` and ``history_``.
         """
         import torch
@@ -478,6 +488,7 @@ class SavedModel:
             "precision_": precision,
             "image_size_": int(fitted["image_size_"]),
             "crop_pct_": float(fitted["crop_pct_"]),
+            "flip_average_": bool(fitted.get("flip_average_", False)),
             "n_train_": int(fitted["n_train_"]),
             "center_": self.center,
             "index_": self.index,
@@ -618,7 +629,7 @@ def load(path: str | os.PathLike[str]) -> SavedModel:
     return SavedModel(
         path=where,
         metadata=metadata,
-        params=dict(metadata["params"]),
+        params={**_ADDED_PARAMS, **metadata["params"]},
         backbone_spec=spec,
         backbone=backbone,
         center=arrays["center_"],
@@ -900,6 +911,10 @@ def _check_metadata(path: Path, metadata: Any) -> None:
     require(
         _is_number(fitted["crop_pct_"]) and 0 < fitted["crop_pct_"] <= 1,
         "fitted.crop_pct_ must be a number in (0, 1]",
+    )
+    require(
+        isinstance(fitted.get("flip_average_", False), bool),
+        "fitted.flip_average_ must be a boolean",
     )
     require(
         isinstance(fitted["history_"], list)

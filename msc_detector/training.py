@@ -44,6 +44,7 @@ def iter_embeddings(
     transform: EvalTransform,
     device: torch.device,
     precision: Precision,
+    flip_average: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield the normalised fp32 embeddings of each uint8 batch, one array per batch.
 
@@ -57,6 +58,9 @@ def iter_embeddings(
         Maps a uint8 batch on ``device`` to the normalised float input.
     device : torch.device
     precision : Precision
+    flip_average : bool, default=False
+        Embed each image and its left-right mirror and yield the normalised mean of
+        the two embeddings, which is the same for an image and its mirror.
 
     Yields
     ------
@@ -71,7 +75,13 @@ def iter_embeddings(
         step = len(batch)
         if device.type == "cpu":
             step = max(1, _CPU_EMBED_PIXELS // (batch.shape[-2] * batch.shape[-1]))
-        parts = [_features(model, transform(part), precision) for part in batch.split(step)]
+        parts = []
+        for part in batch.split(step):
+            x = transform(part)
+            features = _features(model, x, precision)
+            if flip_average:
+                features = F.normalize(features + _features(model, x.flip(-1), precision), dim=1)
+            parts.append(features)
         yield torch.cat(parts).cpu().numpy()
 
 
@@ -81,9 +91,10 @@ def embed_batches(
     transform: EvalTransform,
     device: torch.device,
     precision: Precision,
+    flip_average: bool = False,
 ) -> np.ndarray:
-    """Embed every batch and stack the result into ``(n, d)`` float32."""
-    parts = list(iter_embeddings(model, batches, transform, device, precision))
+    """Embed every batch and stack the result into ``(n, d)`` float32 (see ``iter_embeddings``)."""
+    parts = list(iter_embeddings(model, batches, transform, device, precision, flip_average))
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 

@@ -88,3 +88,11 @@ def test_resume_keeps_the_first_machine_and_marks_classes_fitted_elsewhere(
 def test_missing_cifar_is_skipped_with_a_message(tmp_path: Path, capsys) -> None:
     assert one_class.run(["--dataset", "cifar10", "--data-root", str(tmp_path)]) == {}
     assert "cannot be downloaded here" in capsys.readouterr().out
+
+
+def test_options_given_reach_the_detector_and_the_rest_stay_its_defaults() -> None:
+    given = one_class.detector_params(
+        one_class.parse_args(["--flip-average", "off", "--image-size", "288", "--loss", "none"])
+    )
+    assert given["flip_average"] is False and given["image_size"] == 288 and given["loss"] is None
+    assert "flip_average" not in one_class.detector_params(one_class.parse_args([]))

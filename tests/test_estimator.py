@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import subprocess
 import sys
@@ -439,3 +440,43 @@ def test_a_cuda_fitted_model_loads_on_a_cpu_with_a_warning(fitted, images, monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MSCDetector.__new__(MSCDetector).__setstate__(fitted.__getstate__())
+
+
+# ------------------------------------------------------------ flip averaging
+
+
+def test_flip_average_embeds_the_normalised_mean_of_an_image_and_its_mirror(fitted, images):
+    assert fitted.flip_average and fitted.flip_average_  # the default
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    plain = copy.copy(fitted)  # the same network, embedding without the mirror
+    plain.flip_average_ = False
+    expected = plain.transform(images) + plain.transform(mirrored)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(fitted.transform(images), expected, atol=1e-5)
+    np.testing.assert_allclose(fitted.transform(mirrored), expected, atol=1e-5)
+
+
+def test_without_flip_average_a_mirror_scores_differently(images, fast_params) -> None:
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    plain = MSCDetector(**fast_params, flip_average=False).fit(images)
+    averaged = MSCDetector(**fast_params).fit(images)
+    assert not plain.flip_average_
+    gap = np.abs(plain.score_samples(images) - plain.score_samples(mirrored))
+    assert gap.min() > 1e-3
+    np.testing.assert_allclose(
+        averaged.score_samples(images), averaged.score_samples(mirrored), atol=1e-5
+    )
+
+
+def test_scoring_follows_the_flip_average_of_the_fit(fitted, images) -> None:
+    before = fitted.score_samples(images)
+    fitted.set_params(flip_average=False)  # takes effect at the next fit only
+    np.testing.assert_array_equal(fitted.score_samples(images), before)
+
+
+def test_pickles_from_before_flip_average_load_without_it(fitted, images) -> None:
+    state = fitted.__getstate__()
+    del state["flip_average"], state["flip_average_"]
+    old = MSCDetector.__new__(MSCDetector)
+    old.__setstate__(state)
+    assert old.flip_average is False and old.flip_average_ is False

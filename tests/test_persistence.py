@@ -147,6 +147,8 @@ def test_round_trip_restores_parameters_and_every_fitted_attribute(model) -> Non
     assert set(vars(loaded)) - cache == set(vars(detector)) - cache
     assert loaded.offset_ == detector.offset_
     assert loaded.image_size_ == detector.image_size_
+    assert loaded.crop_pct_ == detector.crop_pct_
+    assert loaded.flip_average_ is detector.flip_average_ is True
     assert loaded.n_train_ == detector.n_train_
     assert loaded.history_ == detector.history_
     assert loaded.backbone_spec_ == detector.backbone_spec_
@@ -466,6 +468,27 @@ def test_weights_that_do_not_fit_the_architecture(saved: Path) -> None:
     edit_metadata(saved, lambda m: m["backbone_spec"].update(architecture="resnet18"))
     with pytest.raises(ModelFileError, match="do not fit 'resnet18'"):
         MSCDetector.load(saved)
+
+
+def test_files_from_before_flip_average_score_as_they_were_saved(tmp_path: Path) -> None:
+    X = np.random.default_rng(1).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    detector = MSCDetector(**FAST, flip_average=False).fit(X)
+    path = tmp_path / "old.msc"
+    detector.save(path)
+
+    def strip(metadata: dict) -> None:  # what a file of an earlier version holds
+        del metadata["params"]["flip_average"], metadata["fitted"]["flip_average_"]
+
+    edit_metadata(path, strip)
+    loaded = MSCDetector.load(path, device="cpu")
+    assert loaded.flip_average is False and loaded.flip_average_ is False
+    np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
+
+
+def test_a_flip_average_that_is_not_a_boolean_is_refused(saved: Path, reader) -> None:
+    edit_metadata(saved, lambda m: m["fitted"].update(flip_average_="yes"))
+    with pytest.raises(ModelFileError, match="flip_average_ must be a boolean"):
+        reader(saved)
 
 
 def test_invalid_parameters_are_refused(saved: Path) -> None:
