@@ -1,8 +1,9 @@
 """Scoring variants on fine-tuned detectors: test-time flips, whitening, mirrored index.
 
-For each chosen class this fits the detector (the defaults unless options say otherwise)
-on that class's training images, embeds the training and test images and their
-left-right mirrors with the public ``transform``, and scores the test set with:
+For each chosen Fashion-MNIST class this fits the detector (the defaults unless
+options say otherwise) on that class's training images, embeds the training and test
+images and their left-right mirrors with the public ``transform``, and scores the test
+set with:
 
 * ``plain``: the detector's own score (kNN on its normalised embeddings);
 * ``hflip``: the normalised mean of an image's and its mirror's embedding;
@@ -117,7 +118,7 @@ def variants(e: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--backbone", default=None)
     p.add_argument("--image-size", type=int, default=None)

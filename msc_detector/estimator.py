@@ -80,9 +80,10 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         ``"msc"`` and 95.51 without fine-tuning (``benchmarks/README.md``).
     epochs : int, default=1
         Passes over the training images. One epoch at ``lr=1e-4`` keeps a fit of
-        6,000 images at 224 px to about three and a half minutes on two CPU cores. A second
-        epoch of ``"msc"`` at 224 px helped T-shirts and lowered shirts and sandals;
-        at 112 px every epoch lowered the ROC-AUC a little (``benchmarks/README.md``).
+        6,000 images at 224 px to about three and a half minutes on two CPU cores. A
+        second epoch of ``"msc"`` at 224 px helped T-shirts and lowered shirts and
+        sandals; at 112 px every epoch lowered the ROC-AUC a little
+        (``benchmarks/README.md``).
         The paper's recipe is ResNet-152 on natural images, 20 epochs at
         ``lr=1e-5``; use that on a GPU.
     batch_size : int, default=64
