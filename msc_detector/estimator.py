@@ -616,12 +616,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        # Pickled before flip averaging existed: keep the behaviour it was fitted with.
-        state.setdefault("flip_average", False)
+        # Pickled before a parameter existed: keep the behaviour it was pickled with.
+        state = {**persistence.ADDED_PARAMS, **state}
         blob = state.pop("_backbone_state", None)
         if blob is not None:
-            state.setdefault("flip_average_", False)
+            state = {**persistence.ADDED_FITTED, **state}
             spec = BackboneSpec.from_dict(state["backbone_spec_"])
             weights = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             device = _available_device(state["device_"])

@@ -160,9 +160,10 @@ _SAFETENSORS_ITEMSIZE = {
 }
 _SAFETENSORS_HEADER_LIMIT = 100 * 2**20
 _PRECISIONS = ("fp32", "bf16", "fp16")
-# Parameters added after format version 1, with the value that gives a file written
-# before they existed the behaviour it was saved with.
-_ADDED_PARAMS: dict[str, Any] = {"flip_average": False}
+# Parameters and fitted attributes added after format version 1, with the value that
+# gives a file (or pickle) written before they existed the behaviour it was saved with.
+ADDED_PARAMS: dict[str, Any] = {"flip_average": False}
+ADDED_FITTED: dict[str, Any] = {"flip_average_": False}
 # Libraries whose version change can change scores or break loading.
 _CHECKED_VERSIONS = ("msc_detector", "torch", "timm", "faiss", "scikit-learn")
 _FITTED_KEYS = (
@@ -468,7 +469,7 @@ class SavedModel:
 
         from msc_detector.runtime import resolve_precision
 
-        fitted = self.metadata["fitted"]
+        fitted = {**ADDED_FITTED, **self.metadata["fitted"]}
         if torch.device(fitted["device_"]).type == device.type:
             choice = str(fitted["precision_"])
         else:
@@ -488,7 +489,7 @@ class SavedModel:
             "precision_": precision,
             "image_size_": int(fitted["image_size_"]),
             "crop_pct_": float(fitted["crop_pct_"]),
-            "flip_average_": bool(fitted.get("flip_average_", False)),
+            "flip_average_": bool(fitted["flip_average_"]),
             "n_train_": int(fitted["n_train_"]),
             "center_": self.center,
             "index_": self.index,
@@ -629,7 +630,7 @@ def load(path: str | os.PathLike[str]) -> SavedModel:
     return SavedModel(
         path=where,
         metadata=metadata,
-        params={**_ADDED_PARAMS, **metadata["params"]},
+        params={**ADDED_PARAMS, **metadata["params"]},
         backbone_spec=spec,
         backbone=backbone,
         center=arrays["center_"],
@@ -913,7 +914,7 @@ def _check_metadata(path: Path, metadata: Any) -> None:
         "fitted.crop_pct_ must be a number in (0, 1]",
     )
     require(
-        isinstance(fitted.get("flip_average_", False), bool),
+        isinstance({**ADDED_FITTED, **fitted}["flip_average_"], bool),
         "fitted.flip_average_ must be a boolean",
     )
     require(
