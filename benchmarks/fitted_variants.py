@@ -28,13 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 from machine_info import machine
 from one_class import RESULTS, load_dataset
 from sklearn.metrics import roc_auc_score
 
 from msc_detector import MSCDetector
+from msc_detector.index import KNNIndex
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "fitted_variants"
 
@@ -46,9 +46,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def knn_scores(train: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Normality scores: minus the summed squared distances to the ``k`` nearest."""
-    index = faiss.IndexFlatL2(train.shape[1])
-    index.add(np.ascontiguousarray(train, dtype=np.float32))
-    dists, _ = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    dists, _ = KNNIndex().fit(train).search(queries, k)
     return -dists.sum(axis=1, dtype=np.float64)
 
 
