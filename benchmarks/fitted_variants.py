@@ -71,13 +71,21 @@ def embeddings(
             return {key: cached[key] for key in cached.files}
     normal = x_tr[y_tr == cls]
     # Raw embeddings of each image and its mirror; the averages are formed here.
-    params: dict[str, Any] = {"random_state": args.seed, "flip_average": False}
+    params: dict[str, Any] = {
+        "random_state": args.seed,
+        "flip_average": False,
+        "nearest_view": False,
+    }
     if args.backbone:
         params["backbone"] = args.backbone
     if args.image_size:
         params["image_size"] = args.image_size
     if args.epochs is not None:
         params["epochs"] = args.epochs
+    if args.lr is not None:
+        params["lr"] = args.lr
+    if args.frozen_stages is not None:
+        params["frozen_stages"] = args.frozen_stages
     start = time.perf_counter()
     det = MSCDetector(**params).fit(normal)
     fit_s = time.perf_counter() - start
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone", default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--frozen-stages", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-neighbors", type=int, default=2)
     p.add_argument("--name", default="fitted_variants")

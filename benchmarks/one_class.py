@@ -125,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="average each image's embedding with its mirror's (default: the detector's)",
     )
+    p.add_argument(
+        "--nearest-view",
+        choices=("on", "off", "auto"),
+        default=None,
+        help="append a nearest-neighbour-resized view's embedding (default: the detector's)",
+    )
     p.add_argument("--train-size", type=int, default=None, help="training images per class")
     p.add_argument("--test-size", type=int, default=None, help="random test subset")
     p.add_argument("--classes", type=int, nargs="*", default=None)
@@ -160,6 +166,9 @@ def detector_params(args: argparse.Namespace) -> dict[str, Any]:
         params["crop_pct"] = None if args.crop_pct.lower() == "none" else float(args.crop_pct)
     if args.flip_average is not None:
         params["flip_average"] = args.flip_average == "on"
+    if args.nearest_view is not None:
+        view = args.nearest_view
+        params["nearest_view"] = view if view == "auto" else view == "on"
     if args.frozen_stages is not None:
         fs = args.frozen_stages
         params["frozen_stages"] = fs if fs == "auto" else int(fs)

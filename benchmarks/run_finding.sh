@@ -22,7 +22,7 @@ if [ "$size" != "112" ]; then
     tag="finding${size}"
 fi
 common=(--dataset fashion-mnist --train-size 500 --test-size 2000 --epochs 3 --lr 1e-3
-    --image-size "$size" --flip-average off)
+    --image-size "$size" --flip-average off --nearest-view off)
 files=()
 for loss in "${losses[@]}"; do
     python benchmarks/one_class.py "${common[@]}" --loss "$loss" --per-epoch \

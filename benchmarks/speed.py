@@ -273,7 +273,8 @@ def run_ours(settings: dict[str, Any], data: tuple[np.ndarray, ...]) -> dict[str
         settings["backbone"],
         weights=settings["weights"],
         loss="msc",
-        flip_average=False,  # the plain loop embeds each image once
+        flip_average=False,  # the plain loop embeds each image once, in one view
+        nearest_view=False,
         epochs=settings["epochs"],
         batch_size=settings["batch_size"],
         lr=settings["lr"],

@@ -337,7 +337,9 @@ def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear
     size : int
         Output side.
     interpolation : {"bilinear", "bicubic", "nearest"}
-        Resampling; antialiased when shrinking.
+        Resampling. Bilinear and bicubic are antialiased when shrinking;
+        ``"nearest"`` copies source pixels (each pixel becomes a sharp block when
+        enlarging) and falls back to bilinear for any other name.
 
     Returns
     -------
@@ -350,10 +352,13 @@ def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear
     if (h, w) != (size, size):
         scale = size / min(h, w)
         new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        mode = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
-        x = F.interpolate(
-            x.float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
-        )
+        if interpolation == "nearest":
+            x = F.interpolate(x.float(), size=(new_h, new_w), mode="nearest-exact")
+        else:
+            mode = interpolation if interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(
+                x.float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
+            )
         x = x.round_().clamp_(0, 255).to(torch.uint8)
         top, left = (new_h - size) // 2, (new_w - size) // 2
         x = x[..., top : top + size, left : left + size]

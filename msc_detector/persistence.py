@@ -38,7 +38,7 @@ unencrypted, in this order:
         saving warns that they were dropped. They only matter for a new ``fit``, except
         ``n_neighbors``, which scoring uses. A parameter that a file lacks because it
         was written before the parameter existed is read with the value that version
-        behaved as: ``flip_average=False``.
+        behaved as: ``flip_average=False``, ``nearest_view=False``.
     ``backbone_spec``
         :meth:`BackboneSpec.to_dict <msc_detector.backbones.BackboneSpec.to_dict>`:
         ``name``, ``architecture`` (a timm name), ``num_features``, ``preprocess``
@@ -46,17 +46,19 @@ unencrypted, in this order:
         ``frozen_stages``.
     ``fitted``
         The fitted scalars: ``offset_`` (number), ``image_size_`` and ``n_train_``
-        (integers), ``crop_pct_`` (number in (0, 1]), ``flip_average_`` (boolean;
-        files written before it existed lack it and are read as ``false``),
+        (integers), ``crop_pct_`` (number in (0, 1]), ``flip_average_`` and
+        ``nearest_view_`` (booleans; files written before they existed lack them and
+        are read as ``false``),
         ``history_`` (list of objects),
         ``device_`` (the device string it was fitted on, e.g. ``"cuda:0"``),
         ``precision_`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) and ``weights_source_``
         (string).
     ``index``
         ``{"type": "IndexFlatL2", "dim": D, "ntotal": N, "chunk_size": INT, "use_gpu":
-        BOOL}`` with ``D = backbone_spec.num_features`` and ``N = fitted.n_train_``.
+        BOOL}`` with ``N = fitted.n_train_`` and ``D = F = backbone_spec.num_features``,
+        or ``D = 2 * F`` where ``fitted.nearest_view_`` is true.
 ``arrays.safetensors``
-    Two tensors: ``center_`` (float32, shape ``(D,)``) and ``train_scores_`` (float64,
+    Two tensors: ``center_`` (float32, shape ``(F,)``) and ``train_scores_`` (float64,
     shape ``(N,)``).
 ``index.faiss``
     ``faiss.serialize_index`` of the exact L2 index of the ``N`` normalised training
@@ -162,8 +164,8 @@ _SAFETENSORS_HEADER_LIMIT = 100 * 2**20
 _PRECISIONS = ("fp32", "bf16", "fp16")
 # Parameters and fitted attributes added after format version 1, with the value that
 # gives a file (or pickle) written before they existed the behaviour it was saved with.
-ADDED_PARAMS: dict[str, Any] = {"flip_average": False}
-ADDED_FITTED: dict[str, Any] = {"flip_average_": False}
+ADDED_PARAMS: dict[str, Any] = {"flip_average": False, "nearest_view": False}
+ADDED_FITTED: dict[str, Any] = {"flip_average_": False, "nearest_view_": False}
 # Libraries whose version change can change scores or break loading.
 _CHECKED_VERSIONS = ("msc_detector", "torch", "timm", "faiss", "scikit-learn")
 _FITTED_KEYS = (
@@ -246,6 +248,7 @@ def _encode(detector: Any) -> list[tuple[str, bytes]]:
             "image_size_": int(detector.image_size_),
             "crop_pct_": float(detector.crop_pct_),
             "flip_average_": bool(detector.flip_average_),
+            "nearest_view_": bool(detector.nearest_view_),
             "n_train_": int(detector.n_train_),
             "history_": list(detector.history_),
             "device_": str(detector.device_),
@@ -462,7 +465,7 @@ class SavedModel:
         dict
             ``backbone_``, ``backbone_spec_``, ``weights_source_``, ``device_``,
             ``precision_``, ``image_size_``, ``crop_pct_``, ``flip_average_``,
-            ``n_train_``, ``center_``, ``index_``,
+            ``nearest_view_``, ``n_train_``, ``center_``, ``index_``,
             ``train_scores_``, ``offset_`` and ``history_``.
         """
         import torch
@@ -490,6 +493,7 @@ class SavedModel:
             "image_size_": int(fitted["image_size_"]),
             "crop_pct_": float(fitted["crop_pct_"]),
             "flip_average_": bool(fitted["flip_average_"]),
+            "nearest_view_": bool(fitted["nearest_view_"]),
             "n_train_": int(fitted["n_train_"]),
             "center_": self.center,
             "index_": self.index,
@@ -913,10 +917,9 @@ def _check_metadata(path: Path, metadata: Any) -> None:
         _is_number(fitted["crop_pct_"]) and 0 < fitted["crop_pct_"] <= 1,
         "fitted.crop_pct_ must be a number in (0, 1]",
     )
-    require(
-        isinstance({**ADDED_FITTED, **fitted}["flip_average_"], bool),
-        "fitted.flip_average_ must be a boolean",
-    )
+    for key in ADDED_FITTED:
+        value = {**ADDED_FITTED, **fitted}[key]
+        require(isinstance(value, bool), f"fitted.{key} must be a boolean")
     require(
         isinstance(fitted["history_"], list)
         and all(isinstance(entry, dict) for entry in fitted["history_"]),
@@ -930,9 +933,12 @@ def _check_metadata(path: Path, metadata: Any) -> None:
     require(fitted["precision_"] in _PRECISIONS, f"fitted.precision_ must be one of {_PRECISIONS}")
     require(isinstance(fitted["weights_source_"], str), "fitted.weights_source_: string")
     require(index.get("type") == "IndexFlatL2", "index.type must be 'IndexFlatL2'")
+    views = 2 if {**ADDED_FITTED, **fitted}["nearest_view_"] is True else 1
     require(
-        index.get("dim") == spec["num_features"] and index.get("ntotal") == fitted["n_train_"],
-        "index dim/ntotal must equal backbone_spec.num_features and fitted.n_train_",
+        index.get("dim") == views * spec["num_features"]
+        and index.get("ntotal") == fitted["n_train_"],
+        "index dim/ntotal must equal backbone_spec.num_features (twice that with "
+        "fitted.nearest_view_) and fitted.n_train_",
     )
     require(
         _is_int(index.get("chunk_size")) and index["chunk_size"] > 0,
@@ -954,7 +960,8 @@ def _check_layouts(
     """
     dim, ntotal = metadata["index"]["dim"], metadata["index"]["ntotal"]
     arrays = _safetensors_layout(path, ARRAYS, head, sizes[ARRAYS])
-    expected = {"center_": ("F32", [dim]), "train_scores_": ("F64", [ntotal])}
+    features = metadata["backbone_spec"]["num_features"]
+    expected = {"center_": ("F32", [features]), "train_scores_": ("F64", [ntotal])}
     if arrays != expected:
         raise _error(path, f"{ARRAYS} holds {arrays}; the metadata implies {expected}.")
     if not _safetensors_layout(path, BACKBONE, head, sizes[BACKBONE]):

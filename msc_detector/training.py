@@ -7,7 +7,7 @@ requires, and dropout/drop-path stay off.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from msc_detector.augment import TwoViewAugment
 from msc_detector.runtime import Precision
 
-__all__ = ["embed_batches", "iter_embeddings", "mean_center", "train_epoch"]
+__all__ = ["embed_batches", "iter_embeddings", "join_views", "mean_center", "train_epoch"]
 
 EvalTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -96,6 +96,27 @@ def embed_batches(
     """Embed every batch and stack the result into ``(n, d)`` float32 (see ``iter_embeddings``)."""
     parts = list(iter_embeddings(model, batches, transform, device, precision, flip_average))
     return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+
+
+def join_views(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate unit-norm embeddings of several views of the same images.
+
+    Each part is ``(n, d_i)`` with unit-norm rows; the result is scaled by
+    ``1 / sqrt(len(parts))`` so that its rows are unit-norm too. A squared L2
+    distance between joined embeddings is then the mean of the views' squared
+    distances.
+
+    Parameters
+    ----------
+    parts : sequence of numpy.ndarray
+
+    Returns
+    -------
+    numpy.ndarray of shape (n, sum of d_i), float32
+    """
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))).astype(np.float32)
 
 
 def mean_center(embeddings: np.ndarray) -> np.ndarray:
