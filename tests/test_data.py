@@ -158,6 +158,13 @@ def test_resize_square_keeps_the_centre_and_size() -> None:
     assert torch.equal(resize_square(same, 10), same)
 
 
+def test_nearest_resize_turns_each_pixel_into_a_block() -> None:
+    image = torch.randint(0, 256, (2, 3, 7, 7), dtype=torch.uint8)
+    out = resize_square(image, 21, "nearest")
+    expected = image.repeat_interleave(3, dim=2).repeat_interleave(3, dim=3)
+    assert torch.equal(out, expected)
+
+
 def test_resized_images_cache_and_stream_agree(rgb) -> None:
     source = as_image_source(rgb)
     cached = ResizedImages(source, 16, "bicubic", cache_bytes=10**9)

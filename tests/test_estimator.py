@@ -184,6 +184,7 @@ def test_inputs_are_not_modified(images, fast_params) -> None:
         ("weights", 3),
         ("min_crop_area", 0.0),
         ("min_crop_area", 1.5),
+        ("nearest_view", "on"),
     ],
 )
 def test_out_of_range_parameters_are_rejected_in_fit(images, fast_params, param, value) -> None:
@@ -474,9 +475,65 @@ def test_scoring_follows_the_flip_average_of_the_fit(fitted, images) -> None:
     np.testing.assert_array_equal(fitted.score_samples(images), before)
 
 
-def test_pickles_from_before_flip_average_load_without_it(fitted, images) -> None:
+@pytest.mark.parametrize("flag", ["flip_average", "nearest_view"])
+def test_pickles_from_before_a_view_flag_load_with_it_off(images, fast_params, flag) -> None:
+    fitted = MSCDetector(**{**fast_params, flag: False}).fit(images)
     state = fitted.__getstate__()
-    del state["flip_average"], state["flip_average_"]
+    del state[flag], state[flag + "_"]  # what a pickle of an earlier version holds
     old = MSCDetector.__new__(MSCDetector)
     old.__setstate__(state)
-    assert old.flip_average is False and old.flip_average_ is False
+    assert getattr(old, flag) is False and getattr(old, flag + "_") is False
+    np.testing.assert_array_equal(old.score_samples(images), fitted.score_samples(images))
+
+
+# ------------------------------------------------------------- nearest view
+
+
+@pytest.fixture
+def small_images() -> np.ndarray:
+    """16 random 16-pixel RGB images: at image_size 32 they are enlarged 2x."""
+    return np.random.default_rng(3).integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8)
+
+
+def test_nearest_view_is_on_for_images_enlarged_2x_or_more(
+    fitted, images, small_images, fast_params
+) -> None:
+    assert fitted.nearest_view == "auto" and fitted.nearest_view_ is False  # 32 px at 32
+    assert MSCDetector(**fast_params).fit(small_images).nearest_view_ is True  # 16 px at 32
+    forced = MSCDetector(**fast_params, nearest_view=True).fit(images)
+    assert forced.nearest_view_ is True and forced.index_.dim == 2 * forced.center_.shape[0]
+    off = MSCDetector(**fast_params, nearest_view=False).fit(small_images)
+    assert off.nearest_view_ is False and off.index_.dim == off.center_.shape[0]
+
+
+def test_nearest_view_appends_the_embedding_of_a_pixel_block_upscale(small_images, fast_params):
+    det = MSCDetector(**fast_params).fit(small_images)
+    joined = det.transform(small_images)
+    width = det.center_.shape[0]
+    assert joined.shape == (16, 2 * width)
+    np.testing.assert_allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
+    single = copy.copy(det)  # the same network, one view
+    single.nearest_view_ = False
+    own = single.transform(small_images)  # the backbone's own (bicubic) enlargement
+    blocks = single.transform(small_images.repeat(2, axis=1).repeat(2, axis=2))
+    np.testing.assert_allclose(joined[:, :width] * np.sqrt(2), own, atol=1e-5)
+    np.testing.assert_allclose(joined[:, width:] * np.sqrt(2), blocks, atol=1e-5)
+    assert np.abs(own - blocks).max() > 1e-3  # the two views differ
+
+
+def test_scoring_follows_the_nearest_view_of_the_fit(small_images, fast_params) -> None:
+    det = MSCDetector(**fast_params).fit(small_images)
+    before = det.score_samples(small_images)
+    det.set_params(nearest_view=False)  # takes effect at the next fit only
+    np.testing.assert_array_equal(det.score_samples(small_images), before)
+
+
+def test_epoch_callback_scores_with_both_views(small_images, fast_params) -> None:
+    seen = []
+
+    def follow(epoch: int, det: MSCDetector) -> None:
+        seen.append((det.index_.dim, det.score_samples(small_images[:3])))
+
+    final = MSCDetector(**fast_params, epoch_callback=follow).fit(small_images)
+    assert [dim for dim, _ in seen] == [final.index_.dim] * 2 == [2 * 1280] * 2
+    np.testing.assert_allclose(seen[-1][1], final.score_samples(small_images[:3]), atol=1e-6)

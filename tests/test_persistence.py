@@ -472,22 +472,42 @@ def test_weights_that_do_not_fit_the_architecture(saved: Path) -> None:
 
 def test_files_from_before_flip_average_score_as_they_were_saved(tmp_path: Path) -> None:
     X = np.random.default_rng(1).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
-    detector = MSCDetector(**FAST, flip_average=False).fit(X)
+    detector = MSCDetector(**FAST, flip_average=False, nearest_view=False).fit(X)
     path = tmp_path / "old.msc"
     detector.save(path)
 
-    def strip(metadata: dict) -> None:  # what a file of an earlier version holds
+    def strip(metadata: dict) -> None:  # what a file of the first version holds
         del metadata["params"]["flip_average"], metadata["fitted"]["flip_average_"]
+        del metadata["params"]["nearest_view"], metadata["fitted"]["nearest_view_"]
 
     edit_metadata(path, strip)
     loaded = MSCDetector.load(path, device="cpu")
     assert loaded.flip_average is False and loaded.flip_average_ is False
+    assert loaded.nearest_view is False and loaded.nearest_view_ is False
     np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
 
 
-def test_a_flip_average_that_is_not_a_boolean_is_refused(saved: Path, reader) -> None:
-    edit_metadata(saved, lambda m: m["fitted"].update(flip_average_="yes"))
-    with pytest.raises(ModelFileError, match="flip_average_ must be a boolean"):
+@pytest.mark.parametrize("key", ["flip_average_", "nearest_view_"])
+def test_a_view_flag_that_is_not_a_boolean_is_refused(saved: Path, reader, key: str) -> None:
+    edit_metadata(saved, lambda m: m["fitted"].update({key: "yes"}))
+    with pytest.raises(ModelFileError, match=f"{key} must be a boolean"):
+        reader(saved)
+
+
+def test_a_nearest_view_model_round_trips(tmp_path: Path) -> None:
+    X = np.random.default_rng(2).integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    detector = MSCDetector(**FAST).fit(X)  # 16-pixel images at 32: the view is on
+    assert detector.nearest_view_ and detector.index_.dim == 2 * detector.center_.shape[0]
+    path = tmp_path / "views.msc"
+    detector.save(path)
+    loaded = MSCDetector.load(path, device="cpu")
+    assert loaded.nearest_view_ is True
+    np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
+
+
+def test_an_index_of_the_wrong_width_for_the_views_is_refused(saved: Path, reader) -> None:
+    edit_metadata(saved, lambda m: m["fitted"].update(nearest_view_=True))  # index is 1 view
+    with pytest.raises(ModelFileError, match=r"twice that with fitted\.nearest_view_"):
         reader(saved)
 
 
