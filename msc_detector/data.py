@@ -338,8 +338,8 @@ def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear
         Output side.
     interpolation : {"bilinear", "bicubic", "nearest"}
         Resampling. Bilinear and bicubic are antialiased when shrinking;
-        ``"nearest"`` copies source pixels (each pixel becomes a sharp block when
-        enlarging) and falls back to bilinear for any other name.
+        ``"nearest"`` copies source pixels (enlarged, each pixel becomes a sharp
+        block). Any other name resamples bilinearly.
 
     Returns
     -------
