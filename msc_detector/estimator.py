@@ -492,7 +492,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         """Return the embeddings to index: ``features`` (primary view) joined by the rest."""
         others = [
             ResizedImages(
-                images.source, images.size, interpolation, 0, num_workers=images.num_workers
+                images.source,
+                images.size,
+                interpolation,
+                cache_bytes=0,
+                num_workers=images.num_workers,
             )
             for interpolation in _interpolations(state)[1:]
         ]
