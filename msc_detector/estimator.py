@@ -34,13 +34,7 @@ from msc_detector.folding import fold_batchnorm
 from msc_detector.index import KNNIndex
 from msc_detector.losses import LOSSES, make_loss
 from msc_detector.runtime import PRECISIONS, resolve_device, resolve_precision
-from msc_detector.training import (
-    embed_batches,
-    iter_embeddings,
-    join_views,
-    mean_center,
-    train_epoch,
-)
+from msc_detector.training import iter_embeddings, join_views, mean_center, train_epoch
 
 __all__ = ["MSCDetector"]
 
@@ -373,7 +367,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         history: list[dict[str, float]] = []
         if self.loss is not None and self.epochs > 0:
             features = self._train(state, images, seed, history, features)
-        state.update(self._index_state(self._index_features(state, images, features)))
+        else:
+            features = self._index_features(state, images, features)
+        state.update(self._index_state(features))
         state["history_"] = history
         return state
 
@@ -392,7 +388,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         history: list[dict[str, float]],
         pretrained_features: np.ndarray,
     ) -> np.ndarray:
-        """Fine-tune ``state["backbone_"]`` in place; return the final training embeddings."""
+        """Fine-tune ``state["backbone_"]`` in place; return the final embeddings to index."""
         model, device, precision = state["backbone_"], state["device_"], state["precision_"]
         compute = _compute_backbone(state)
         spec: BackboneSpec = state["backbone_spec_"]
@@ -413,7 +409,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
         batch_size = min(self.batch_size, len(images))
         n_batches = len(images) // batch_size
-        self._call_back(0, state, images, pretrained_features)
+        if self.epoch_callback is not None:
+            self._call_back(0, state, self._index_features(state, images, pretrained_features))
         features = pretrained_features
         epochs = tqdm(range(self.epochs), desc="epochs", disable=not self.verbose)
         for epoch in epochs:
@@ -449,17 +446,16 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             logger.info("epoch %d: loss %.4f (%.1fs)", epoch + 1, mean_loss, seconds)
             if self.epoch_callback is not None or epoch == self.epochs - 1:
                 features = self._embed(state, images.batches(self.batch_size))
-                self._call_back(epoch + 1, state, images, features)
+                features = self._index_features(state, images, features)
+                self._call_back(epoch + 1, state, features)
         return features
 
-    def _call_back(
-        self, epoch: int, state: dict[str, Any], images: ResizedImages, features: np.ndarray
-    ) -> None:
+    def _call_back(self, epoch: int, state: dict[str, Any], features: np.ndarray) -> None:
         if self.epoch_callback is None:
             return
         snapshot = copy.copy(self)
         snapshot.__dict__.update(state)
-        snapshot.__dict__.update(self._index_state(self._index_features(state, images, features)))
+        snapshot.__dict__.update(self._index_state(features))
         snapshot.history_ = []
         self.epoch_callback(epoch, snapshot)
 
@@ -476,8 +472,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         mean, std = spec.preprocess.mean, spec.preprocess.std
         return lambda batch: center_crop_normalize(batch, size, mean, std)
 
-    def _embed(self, state: dict[str, Any], batches: Iterator[torch.Tensor]) -> np.ndarray:
-        return embed_batches(
+    def _embed_stream(
+        self, state: dict[str, Any], batches: Iterator[torch.Tensor]
+    ) -> Iterator[np.ndarray]:
+        """Embed uint8 batches with the fitted set-up in ``state``, one array per batch."""
+        return iter_embeddings(
             _compute_backbone(state),
             batches,
             self._eval_transform(state),
@@ -485,6 +484,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             state["precision_"],
             state["flip_average_"],
         )
+
+    def _embed(self, state: dict[str, Any], batches: Iterator[torch.Tensor]) -> np.ndarray:
+        return np.concatenate(list(self._embed_stream(state, batches)))
 
     def _index_features(
         self, state: dict[str, Any], images: ResizedImages, features: np.ndarray
@@ -509,8 +511,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         source = as_image_source(X)
         state = self.__dict__
         streams = [
-            iter_embeddings(
-                _compute_backbone(state),
+            self._embed_stream(
+                state,
                 ResizedImages(
                     source,
                     _load_size(self.image_size_, self.crop_pct_),
@@ -518,10 +520,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
                     cache_bytes=0,
                     num_workers=self._num_workers(source),
                 ).batches(self.batch_size),
-                self._eval_transform(state),
-                self.device_,
-                self.precision_,
-                self.flip_average_,
             )
             for interpolation in _interpolations(state)
         ]

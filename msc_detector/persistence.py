@@ -917,9 +917,9 @@ def _check_metadata(path: Path, metadata: Any) -> None:
         _is_number(fitted["crop_pct_"]) and 0 < fitted["crop_pct_"] <= 1,
         "fitted.crop_pct_ must be a number in (0, 1]",
     )
+    with_added = {**ADDED_FITTED, **fitted}  # files from before a key existed lack it
     for key in ADDED_FITTED:
-        value = {**ADDED_FITTED, **fitted}[key]
-        require(isinstance(value, bool), f"fitted.{key} must be a boolean")
+        require(isinstance(with_added[key], bool), f"fitted.{key} must be a boolean")
     require(
         isinstance(fitted["history_"], list)
         and all(isinstance(entry, dict) for entry in fitted["history_"]),
@@ -933,7 +933,7 @@ def _check_metadata(path: Path, metadata: Any) -> None:
     require(fitted["precision_"] in _PRECISIONS, f"fitted.precision_ must be one of {_PRECISIONS}")
     require(isinstance(fitted["weights_source_"], str), "fitted.weights_source_: string")
     require(index.get("type") == "IndexFlatL2", "index.type must be 'IndexFlatL2'")
-    views = 2 if {**ADDED_FITTED, **fitted}["nearest_view_"] is True else 1
+    views = 2 if with_added["nearest_view_"] is True else 1
     require(
         index.get("dim") == views * spec["num_features"]
         and index.get("ntotal") == fitted["n_train_"],

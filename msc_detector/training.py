@@ -17,7 +17,7 @@ from torch import nn
 from msc_detector.augment import TwoViewAugment
 from msc_detector.runtime import Precision
 
-__all__ = ["embed_batches", "iter_embeddings", "join_views", "mean_center", "train_epoch"]
+__all__ = ["iter_embeddings", "join_views", "mean_center", "train_epoch"]
 
 EvalTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -83,19 +83,6 @@ def iter_embeddings(
                 features = F.normalize(features + _features(model, x.flip(-1), precision), dim=1)
             parts.append(features)
         yield torch.cat(parts).cpu().numpy()
-
-
-def embed_batches(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor],
-    transform: EvalTransform,
-    device: torch.device,
-    precision: Precision,
-    flip_average: bool = False,
-) -> np.ndarray:
-    """Embed every batch and stack the result into ``(n, d)`` float32 (see ``iter_embeddings``)."""
-    parts = list(iter_embeddings(model, batches, transform, device, precision, flip_average))
-    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
 def join_views(parts: Sequence[np.ndarray]) -> np.ndarray:
