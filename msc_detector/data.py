@@ -33,6 +33,7 @@ __all__ = [
     "PILSource",
     "PathSource",
     "ResizedImages",
+    "ResizedViews",
     "as_image_source",
     "auto_image_size",
     "resize_square",
@@ -369,7 +370,9 @@ class BatchedImages(torch.utils.data.Dataset):
     """Batches of resized ``uint8`` images, one batch per item.
 
     Made for ``DataLoader(dataset, batch_size=None, num_workers=...)``, so that file
-    decoding runs in worker processes while the model works.
+    decoding runs in worker processes while the model works. Each item is a tuple
+    with the batch resized by each of ``interpolations``: every image is decoded
+    once, however many views are made of it.
 
     Parameters
     ----------
@@ -377,7 +380,8 @@ class BatchedImages(torch.utils.data.Dataset):
     size : int
         Output side of each square image.
     batch_size : int
-    interpolation : str
+    interpolations : sequence of str
+        One resampling per view (see :func:`resize_square`).
     order : sequence of int, optional
         Image order (e.g. a shuffled permutation); defaults to ``range(len(source))``.
     drop_last : bool, default=False
@@ -389,14 +393,14 @@ class BatchedImages(torch.utils.data.Dataset):
         source: ImageSource,
         size: int,
         batch_size: int,
-        interpolation: str = "bilinear",
+        interpolations: Sequence[str] = ("bilinear",),
         order: Sequence[int] | np.ndarray | None = None,
         drop_last: bool = False,
     ) -> None:
         self.source = source
         self.size = size
         self.batch_size = batch_size
-        self.interpolation = interpolation
+        self.interpolations = tuple(interpolations)
         self.order = np.arange(len(source)) if order is None else np.asarray(order)
         n = len(self.order)
         self.n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
@@ -404,16 +408,68 @@ class BatchedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n_batches
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         images = self.source.load(idx.tolist())
         if all(im.shape == images[0].shape for im in images):
-            return resize_square(torch.stack(images), self.size, self.interpolation)
-        return torch.stack([resize_square(im, self.size, self.interpolation) for im in images])
+            stacked = torch.stack(images)
+            return tuple(resize_square(stacked, self.size, how) for how in self.interpolations)
+        return tuple(
+            torch.stack([resize_square(im, self.size, how) for im in images])
+            for how in self.interpolations
+        )
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for i in range(len(self)):
             yield self[i]
+
+
+def _load_batches(dataset: BatchedImages, num_workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Iterate ``dataset``, in ``num_workers`` processes where there is more than one batch."""
+    if num_workers <= 0 or len(dataset) <= 1:
+        yield from dataset
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, persistent_workers=False
+    )
+    yield from loader
+
+
+class ResizedViews:
+    """A source resized to one square side by several resamplings, streamed in batches.
+
+    For scoring, where each image is embedded once per view: every image is decoded
+    once and resized by each of ``interpolations``.
+
+    Parameters
+    ----------
+    source : ImageSource
+    size : int
+        Side of the square images.
+    interpolations : sequence of str
+        One resampling per view (see :func:`resize_square`).
+    num_workers : int
+        DataLoader worker processes.
+    """
+
+    def __init__(
+        self, source: ImageSource, size: int, interpolations: Sequence[str], num_workers: int = 0
+    ) -> None:
+        self.source = source
+        self.size = size
+        self.interpolations = tuple(interpolations)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield, per batch of images in order, one ``uint8`` tensor per view.
+
+        Each tensor is ``(b, 3, size, size)``; they hold the same images.
+        """
+        dataset = BatchedImages(self.source, self.size, batch_size, self.interpolations)
+        yield from _load_batches(dataset, self.num_workers)
 
 
 class ResizedImages:
@@ -458,15 +514,10 @@ class ResizedImages:
         self, order: Sequence[int] | np.ndarray | None, batch_size: int, drop_last: bool
     ) -> Iterator[torch.Tensor]:
         dataset = BatchedImages(
-            self.source, self.size, batch_size, self.interpolation, order, drop_last
+            self.source, self.size, batch_size, (self.interpolation,), order, drop_last
         )
-        if self.num_workers <= 0 or len(dataset) <= 1:
-            yield from dataset
-            return
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False
-        )
-        yield from loader
+        for (batch,) in _load_batches(dataset, self.num_workers):
+            yield batch
 
     def batches(
         self,

@@ -14,6 +14,7 @@ from msc_detector.data import (
     PathSource,
     PILSource,
     ResizedImages,
+    ResizedViews,
     as_image_source,
     resize_square,
 )
@@ -175,6 +176,27 @@ def test_resized_images_cache_and_stream_agree(rgb) -> None:
     b = torch.cat(list(streamed.batches(2, order)))
     assert a.shape == (5, 3, 16, 16) and torch.equal(a, b)
     assert len(list(cached.batches(2, order, drop_last=True))) == 2
+
+
+class CountingSource(ArraySource):
+    """An array source that records every image it loads."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        super().__init__(data, channels_last=True)
+        self.loaded: list[int] = []
+
+    def load(self, indices):
+        self.loaded.extend(indices)
+        return super().load(indices)
+
+
+def test_resized_views_decode_each_image_once_for_all_views(rgb) -> None:
+    source = CountingSource(rgb)
+    groups = list(ResizedViews(source, 16, ["bicubic", "nearest"]).batches(2))
+    assert sorted(source.loaded) == list(range(len(rgb)))  # once each, for both views
+    for i, interpolation in enumerate(["bicubic", "nearest"]):
+        alone = ResizedImages(as_image_source(rgb), 16, interpolation, cache_bytes=0)
+        assert torch.equal(torch.cat([g[i] for g in groups]), torch.cat(list(alone.batches(2))))
 
 
 def test_array_source_accepts_any_index_order(rgb) -> None:
