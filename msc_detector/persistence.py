@@ -69,7 +69,11 @@ unencrypted, in this order:
 ``backbone.safetensors``
     The state dict of the fine-tuned headless timm network (the architecture named in
     ``backbone_spec``, built with ``num_classes=0``): contiguous CPU tensors, timm key
-    names.
+    names. Where ``fitted.nearest_view_`` is true and the network was fine-tuned, the
+    member also holds the state dict of the same network before fine-tuning, which
+    embeds the nearest view, with its key names prefixed by ``pretrained.``. Without
+    such keys (files from before they existed, or no fine-tuning) the fine-tuned
+    network embeds both views.
 
 .. rubric:: Verification
 
@@ -131,6 +135,8 @@ METADATA = "metadata.json"
 ARRAYS = "arrays.safetensors"
 INDEX = "index.faiss"
 BACKBONE = "backbone.safetensors"
+# Key prefix, in BACKBONE, of the pretrained network that embeds the nearest view.
+PRETRAINED_PREFIX = "pretrained."
 MEMBERS = (MANIFEST, METADATA, ARRAYS, INDEX, BACKBONE)
 
 # JSON members are parsed in memory: cap them well above any real file.
@@ -271,7 +277,7 @@ def _encode(detector: Any) -> list[tuple[str, bytes]]:
         METADATA: json.dumps(metadata, indent=2, default=_json_default).encode("utf-8"),
         ARRAYS: save_arrays(arrays),
         INDEX: index.to_bytes(),
-        BACKBONE: save_tensors(_cpu_state_dict(detector.backbone_)),
+        BACKBONE: save_tensors(_network_tensors(detector)),
     }
     manifest = {
         "format": FORMAT_NAME,
@@ -309,6 +315,15 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _network_tensors(detector: Any) -> dict[str, torch.Tensor]:
+    """Tensors of ``backbone.safetensors``: the network's, then any pretrained one's."""
+    tensors = _cpu_state_dict(detector.backbone_)
+    pretrained = getattr(detector, "pretrained_backbone_", None)
+    if pretrained is not None:
+        tensors.update({PRETRAINED_PREFIX + k: v for k, v in _cpu_state_dict(pretrained).items()})
+    return tensors
 
 
 def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -427,6 +442,9 @@ class SavedModel:
         Architecture and preprocessing of the network.
     backbone : torch.nn.Module
         The rebuilt network with the saved weights, in eval mode, on the CPU.
+    pretrained_backbone : torch.nn.Module or None
+        The network before fine-tuning, which embeds the nearest view, rebuilt
+        likewise; ``None`` where the file holds none.
     center : ndarray of shape (n_features,), float32
     train_scores : ndarray of shape (n_train,), float64
     index : KNNIndex
@@ -438,6 +456,7 @@ class SavedModel:
     params: dict[str, Any]
     backbone_spec: BackboneSpec
     backbone: torch.nn.Module
+    pretrained_backbone: torch.nn.Module | None
     center: np.ndarray
     train_scores: np.ndarray
     index: KNNIndex
@@ -465,7 +484,7 @@ class SavedModel:
         dict
             ``backbone_``, ``backbone_spec_``, ``weights_source_``, ``device_``,
             ``precision_``, ``image_size_``, ``crop_pct_``, ``flip_average_``,
-            ``nearest_view_``, ``n_train_``, ``center_``, ``index_``,
+            ``nearest_view_``, ``pretrained_backbone_``, ``n_train_``, ``center_``, ``index_``,
             ``train_scores_``, ``offset_`` and ``history_``.
         """
         import torch
@@ -481,11 +500,9 @@ class SavedModel:
             precision = resolve_precision(choice, device)
         except ValueError:  # e.g. fp16 saved from a GPU, now on a CPU
             precision = resolve_precision("auto", device)
-        model = self.backbone.to(device)
-        if precision.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        pretrained = self.pretrained_backbone
         return {
-            "backbone_": model,
+            "backbone_": precision.place(self.backbone, device),
             "backbone_spec_": self.backbone_spec,
             "weights_source_": str(fitted["weights_source_"]),
             "device_": device,
@@ -494,6 +511,9 @@ class SavedModel:
             "crop_pct_": float(fitted["crop_pct_"]),
             "flip_average_": bool(fitted["flip_average_"]),
             "nearest_view_": bool(fitted["nearest_view_"]),
+            "pretrained_backbone_": None
+            if pretrained is None
+            else precision.place(pretrained, device),
             "n_train_": int(fitted["n_train_"]),
             "center_": self.center,
             "index_": self.index,
@@ -621,8 +641,22 @@ def load(path: str | os.PathLike[str]) -> SavedModel:
         state = load_tensors(blobs[BACKBONE])
     except Exception as exc:  # safetensors reports malformed data with its own error type
         raise _error(where, f"{BACKBONE} is not a valid safetensors file ({exc}).") from exc
+    pretrained_state = {
+        key[len(PRETRAINED_PREFIX) :]: tensor
+        for key, tensor in state.items()
+        if key.startswith(PRETRAINED_PREFIX)
+    }
+    if pretrained_state and fitted.get("nearest_view_") is not True:
+        raise _error(
+            where,
+            f"{BACKBONE} holds a pretrained network ({PRETRAINED_PREFIX}* keys), which only "
+            "a detector with fitted.nearest_view_ uses.",
+        )
     try:
-        backbone = rebuild_backbone(spec, state)
+        backbone = rebuild_backbone(
+            spec, {k: v for k, v in state.items() if not k.startswith(PRETRAINED_PREFIX)}
+        )
+        pretrained = rebuild_backbone(spec, pretrained_state) if pretrained_state else None
     except (RuntimeError, ValueError) as exc:  # load_state_dict mismatches, bad stages
         raise _error(
             where, f"the weights in {BACKBONE} do not fit {spec.architecture!r} ({exc})."
@@ -637,6 +671,7 @@ def load(path: str | os.PathLike[str]) -> SavedModel:
         params={**ADDED_PARAMS, **metadata["params"]},
         backbone_spec=spec,
         backbone=backbone,
+        pretrained_backbone=pretrained,
         center=arrays["center_"],
         train_scores=arrays["train_scores_"],
         index=index,

@@ -129,6 +129,11 @@ class Precision:
         """Put an input batch in the memory format the model expects."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Move a network to ``device`` in this set-up's memory format (in place)."""
+        model = model.to(device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
 
 class _Fp32DepthwiseConvolutions(TorchFunctionMode):
     """Run ``conv2d`` calls with a trainable depthwise weight in fp32, outside autocast."""

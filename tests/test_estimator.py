@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import random
 import subprocess
 import sys
@@ -506,19 +507,65 @@ def test_nearest_view_is_on_for_images_enlarged_2x_or_more(
     assert off.nearest_view_ is False and off.index_.dim == off.center_.shape[0]
 
 
-def test_nearest_view_appends_the_embedding_of_a_pixel_block_upscale(small_images, fast_params):
+def test_nearest_view_appends_the_pretrained_embedding_of_a_pixel_block_upscale(
+    small_images, fast_params
+) -> None:
     det = MSCDetector(**fast_params).fit(small_images)
     joined = det.transform(small_images)
     width = det.center_.shape[0]
     assert joined.shape == (16, 2 * width)
     np.testing.assert_allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
-    single = copy.copy(det)  # the same network, one view
-    single.nearest_view_ = False
-    own = single.transform(small_images)  # the backbone's own (bicubic) enlargement
-    blocks = single.transform(small_images.repeat(2, axis=1).repeat(2, axis=2))
+    tuned = copy.copy(det)  # the fine-tuned network, one view
+    tuned.nearest_view_ = False
+    pretrained = copy.copy(tuned)  # the network before fine-tuning, one view
+    pretrained.backbone_ = det.pretrained_backbone_
+    own = tuned.transform(small_images)  # the backbone's own (bicubic) enlargement
+    blocks = small_images.repeat(2, axis=1).repeat(2, axis=2)
     np.testing.assert_allclose(joined[:, :width] * np.sqrt(2), own, atol=1e-5)
-    np.testing.assert_allclose(joined[:, width:] * np.sqrt(2), blocks, atol=1e-5)
-    assert np.abs(own - blocks).max() > 1e-3  # the two views differ
+    np.testing.assert_allclose(
+        joined[:, width:] * np.sqrt(2), pretrained.transform(blocks), atol=1e-5
+    )
+    assert np.abs(own - pretrained.transform(small_images)).max() > 1e-3  # fine-tuned
+    assert np.abs(tuned.transform(blocks) - pretrained.transform(blocks)).max() > 1e-3
+
+
+def test_the_pretrained_network_is_kept_unchanged(small_images, fast_params) -> None:
+    det = MSCDetector(**fast_params).fit(small_images)
+    start = MSCDetector(**fast_params, loss=None).fit(small_images)  # same seed, no training
+    assert start.pretrained_backbone_ is None  # one network embeds both views
+    kept = det.pretrained_backbone_.state_dict()
+    for name, tensor in start.backbone_.state_dict().items():
+        torch.testing.assert_close(kept[name], tensor, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in det.pretrained_backbone_.parameters())
+    tuned = dict(det.backbone_.named_parameters())
+    assert any(not torch.equal(tuned[n], p) for n, p in start.backbone_.named_parameters())
+    single = MSCDetector(**fast_params, nearest_view=False).fit(small_images)
+    assert single.pretrained_backbone_ is None
+
+
+def test_a_pickle_keeps_the_pretrained_network(small_images, fast_params) -> None:
+    det = MSCDetector(**fast_params).fit(small_images)
+    copied = pickle.loads(pickle.dumps(det))
+    assert copied.pretrained_backbone_ is not None
+    scores = det.score_samples(small_images)
+    np.testing.assert_array_equal(copied.score_samples(small_images), scores)
+
+
+def test_a_pickle_from_before_the_pretrained_network_embeds_both_views_with_one(
+    small_images, fast_params
+) -> None:
+    det = MSCDetector(**fast_params).fit(small_images)
+    state = det.__getstate__()
+    del state["_pretrained_backbone_state"]  # what the previous version pickled
+    old = MSCDetector.__new__(MSCDetector)
+    old.__setstate__(state)
+    assert old.nearest_view_ is True and old.pretrained_backbone_ is None
+    one_network = copy.copy(det)
+    one_network.pretrained_backbone_ = None
+    np.testing.assert_array_equal(
+        old.score_samples(small_images), one_network.score_samples(small_images)
+    )
+    assert np.abs(old.transform(small_images) - det.transform(small_images)).max() > 1e-3
 
 
 def test_scoring_follows_the_nearest_view_of_the_fit(small_images, fast_params) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from sklearn.exceptions import NotFittedError
 
@@ -494,15 +495,50 @@ def test_a_view_flag_that_is_not_a_boolean_is_refused(saved: Path, reader, key: 
         reader(saved)
 
 
-def test_a_nearest_view_model_round_trips(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def two_networks(tmp_path_factory) -> tuple[MSCDetector, Path, np.ndarray]:
+    """A fitted detector with the nearest view (two networks), its file and images."""
     X = np.random.default_rng(2).integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
     detector = MSCDetector(**FAST).fit(X)  # 16-pixel images at 32: the view is on
-    assert detector.nearest_view_ and detector.index_.dim == 2 * detector.center_.shape[0]
-    path = tmp_path / "views.msc"
+    path = tmp_path_factory.mktemp("views") / "views.msc"
     detector.save(path)
+    return detector, path, X
+
+
+def test_a_nearest_view_model_round_trips(two_networks) -> None:
+    detector, path, X = two_networks
+    assert detector.nearest_view_ and detector.index_.dim == 2 * detector.center_.shape[0]
     loaded = MSCDetector.load(path, device="cpu")
-    assert loaded.nearest_view_ is True
+    assert loaded.nearest_view_ is True and loaded.pretrained_backbone_ is not None
     np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
+
+
+def edit_networks(path: Path, edit: Callable[[dict], dict]) -> None:
+    """Change the tensors of backbone.safetensors and re-checksum."""
+    members = read_members(path)
+    tensors = safetensors.torch.load(members["backbone.safetensors"])
+    members["backbone.safetensors"] = safetensors.torch.save(edit(tensors))
+    write_members(path, members)
+
+
+def test_a_file_without_the_pretrained_network_embeds_both_views_with_one(
+    two_networks, tmp_path: Path
+) -> None:
+    detector, path, X = two_networks
+    old = tmp_path / "old.msc"  # as version 0.1 wrote it: one network for both views
+    old.write_bytes(path.read_bytes())
+    edit_networks(old, lambda t: {k: v for k, v in t.items() if not k.startswith("pretrained.")})
+    loaded = MSCDetector.load(old, device="cpu")
+    assert loaded.nearest_view_ is True and loaded.pretrained_backbone_ is None
+    one_network = copy.copy(detector)
+    one_network.pretrained_backbone_ = None
+    np.testing.assert_array_equal(loaded.score_samples(X), one_network.score_samples(X))
+
+
+def test_a_pretrained_network_without_the_nearest_view_is_refused(saved: Path) -> None:
+    edit_networks(saved, lambda t: {**t, **{"pretrained." + k: v.clone() for k, v in t.items()}})
+    with pytest.raises(ModelFileError, match="holds a pretrained network"):
+        MSCDetector.load(saved, device="cpu")
 
 
 def test_an_index_of_the_wrong_width_for_the_views_is_refused(saved: Path, reader) -> None:
