@@ -188,7 +188,7 @@ def test_detector_computes_with_the_folded_view(
     fast_params: dict, images: np.ndarray, tmp_path
 ) -> None:
     det = MSCDetector(**fast_params).fit(images)
-    view = det._compute_backbone[1]
+    _, view = det._compute_backbone["backbone_"]  # (network, its folded view)
     assert any(isinstance(m, FoldedConv) for m in view.modules())
     assert not any(isinstance(m, FoldedConv) for m in det.backbone_.modules())
     scores = det.score_samples(images)
