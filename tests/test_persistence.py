@@ -525,7 +525,7 @@ def test_a_file_without_the_pretrained_network_embeds_both_views_with_one(
     two_networks, tmp_path: Path
 ) -> None:
     detector, path, X = two_networks
-    old = tmp_path / "old.msc"  # as version 0.1 wrote it: one network for both views
+    old = tmp_path / "old.msc"  # as written before the pretrained network was kept
     old.write_bytes(path.read_bytes())
     edit_networks(old, lambda t: {k: v for k, v in t.items() if not k.startswith("pretrained.")})
     loaded = MSCDetector.load(old, device="cpu")
