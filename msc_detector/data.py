@@ -460,9 +460,6 @@ class ResizedViews:
         self.interpolations = tuple(interpolations)
         self.num_workers = num_workers
 
-    def __len__(self) -> int:
-        return len(self.source)
-
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield, per batch of images in order, one ``uint8`` tensor per view.
 

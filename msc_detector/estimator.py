@@ -511,11 +511,18 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         if not interpolations:
             return []
         views = ResizedViews(images.source, images.size, interpolations, images.num_workers)
-        parts: list[list[np.ndarray]] = [[] for _ in interpolations]
-        for group in views.batches(self.batch_size):
-            for part, batch in zip(parts, group, strict=True):
-                part.append(self._embed(state, iter([batch])))
-        return [np.concatenate(part) for part in parts]
+        networks = ["backbone_"] * len(interpolations)
+        embedded = [self._embed_group(state, g, networks) for g in views.batches(self.batch_size)]
+        return [np.concatenate(part) for part in zip(*embedded, strict=True)]
+
+    def _embed_group(
+        self, state: dict[str, Any], group: tuple[torch.Tensor, ...], networks: list[str]
+    ) -> list[np.ndarray]:
+        """Embed one batch's views, each with its network attribute in ``networks``."""
+        return [
+            self._embed(state, iter([batch]), network)
+            for batch, network in zip(group, networks, strict=True)
+        ]
 
     def _iter_chunks(self, X: Any) -> Iterator[np.ndarray]:
         """Embed ``X`` chunk by chunk, holding one chunk of images at a time."""
@@ -531,13 +538,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         )
         chunk: list[np.ndarray] = []
         held = 0
+        networks = [network for _, network in views]
         for group in images.batches(self.batch_size):  # each image decoded once
-            emb = join_views(
-                [
-                    self._embed(state, iter([batch]), network)
-                    for batch, (_, network) in zip(group, views, strict=True)
-                ]
-            )
+            emb = join_views(self._embed_group(state, group, networks))
             chunk.append(emb)
             held += len(emb)
             if held >= _SCORE_CHUNK:
@@ -854,9 +857,7 @@ def _compute_backbone(state: dict[str, Any], network: str = "backbone_") -> torc
     the network) and cached in ``state``; see :mod:`msc_detector.folding`.
     """
     model = state[network]
-    cache = state.get(_COMPUTE_BACKBONE)
-    if not isinstance(cache, dict):
-        cache = state[_COMPUTE_BACKBONE] = {}
+    cache = state.setdefault(_COMPUTE_BACKBONE, {})
     cached = cache.get(network)
     if cached is None or cached[0] is not model:
         size = int(state["image_size_"])
