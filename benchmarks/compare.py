@@ -1,12 +1,12 @@
 """Combine one-class result files into one comparison table and a per-epoch plot.
 
-Each input is a JSON file written by ``benchmarks/one_class.py``. The table has one
+Each input is a JSON file written by ``python -m benchmarks.one_class``. The table has one
 row per class and one column per file (mean ROC-AUC in the last row); files with
 per-epoch ROC-AUC also get a curve of the class-mean ROC-AUC against the epoch.
 
 Example::
 
-    python benchmarks/compare.py benchmarks/results/finding_*.json --name finding
+    python -m benchmarks.compare benchmarks/results/finding_*.json --name finding
 """
 
 from __future__ import annotations

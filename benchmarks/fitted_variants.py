@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -29,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine_info import machine
-from one_class import RESULTS, load_dataset
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.machine_info import machine
+from benchmarks.one_class import RESULTS, load_dataset
 from msc_detector import MSCDetector
 from msc_detector.index import KNNIndex
 
@@ -154,9 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {np.mean(vals):.2f} |"
         )
-    command = "python benchmarks/fitted_variants.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "benchmarks.fitted_variants", *given])
     text = "\n".join(
         [f"# {args.name}", "", f"`{command}`", "", *rows, "", f"fit seconds: {fit_s}", ""]
     )

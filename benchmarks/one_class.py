@@ -13,12 +13,12 @@ Examples
 --------
 Pretrained kNN and MSC on Fashion-MNIST, all classes::
 
-    python benchmarks/one_class.py --dataset fashion-mnist --loss none --name fm_none
-    python benchmarks/one_class.py --dataset fashion-mnist --loss msc --name fm_msc
+    python -m benchmarks.one_class --dataset fashion-mnist --loss none --name fm_none
+    python -m benchmarks.one_class --dataset fashion-mnist --loss msc --name fm_msc
 
 CIFAR-10 on a GPU with a ResNet-152 weights file (torchvision format folder)::
 
-    python benchmarks/one_class.py --dataset cifar10 --data-root ~/data \\
+    python -m benchmarks.one_class --dataset cifar10 --data-root ~/data \\
         --backbone resnet152 --weights resnet152.pth --epochs 20 --lr 1e-5 \\
         --device cuda --name cifar10_r152
 """
@@ -29,15 +29,16 @@ import argparse
 import json
 import os
 import pickle
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine_info import machine
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.machine_info import machine
 from msc_detector import MSCDetector
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -209,7 +210,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{path} holds other settings; starting it afresh")
     # A resumed run keeps the command and machine of its first classes; a class fitted
     # under other conditions (threads, versions) records its own.
-    command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
+    command = shlex.join(["python", "-m", "benchmarks.one_class", *(argv or sys.argv[1:])])
     current = machine()
     result.setdefault("command", command)
     result.setdefault("machine", current)

@@ -3,4 +3,4 @@
 # set (6,000 images), the full 10,000-image test set, seed 0. Resumable.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python benchmarks/one_class.py --dataset fashion-mnist --name fashion_mnist_default
+python -m benchmarks.one_class --dataset fashion-mnist --name fashion_mnist_default

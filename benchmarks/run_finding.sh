@@ -25,8 +25,8 @@ common=(--dataset fashion-mnist --train-size 500 --test-size 2000 --epochs 3 --l
     --image-size "$size" --flip-average off --nearest-view off)
 files=()
 for loss in "${losses[@]}"; do
-    python benchmarks/one_class.py "${common[@]}" --loss "$loss" --per-epoch \
+    python -m benchmarks.one_class "${common[@]}" --loss "$loss" --per-epoch \
         --name "${tag}_$loss"
     files+=("benchmarks/results/${tag}_$loss.json")
 done
-python benchmarks/compare.py "${files[@]}" --name "$tag"
+python -m benchmarks.compare "${files[@]}" --name "$tag"

@@ -39,12 +39,12 @@ Examples
 Final CPU runs on a quiet 2-core machine (estimates: 112 px about 8 minutes, 224 px
 about 20 minutes)::
 
-    python benchmarks/speed.py --image-size 112
-    python benchmarks/speed.py --image-size 224 --train-size 3000
+    python -m benchmarks.speed --image-size 112
+    python -m benchmarks.speed --image-size 224 --train-size 3000
 
 On a CUDA machine::
 
-    python benchmarks/speed.py --device cuda
+    python -m benchmarks.speed --device cuda
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ import math
 import os
 import random
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine_info import machine
+
+from benchmarks.machine_info import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("ours", "plain")
@@ -661,6 +663,17 @@ def markdown(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ main
 
 
+def _child_environment() -> dict[str, str]:
+    """This environment, with the repository root first on the child's import path.
+
+    A side runs as ``python -m benchmarks.speed`` in the caller's working directory
+    (relative paths on the command line keep their meaning), which need not be the root.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (each side in a subprocess) and return the combined report."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -682,8 +695,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         if side in wanted and (args.force or not same):
             print(f"=== {side} ===", flush=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker-side", side]
-            subprocess.run(cmd, check=True)
+            cmd = [sys.executable, "-m", "benchmarks.speed", *argv, "--worker-side", side]
+            subprocess.run(cmd, check=True, env=_child_environment())
             previous, same = json.loads(path.read_text()), True
         elif same:
             print(f"=== {side}: reusing {path} ===")
@@ -691,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             sides[side] = previous
     report = {
         "name": name,
-        "command": "python " + " ".join(["benchmarks/speed.py", *argv]),
+        "command": shlex.join(["python", "-m", "benchmarks.speed", *argv]),
         "settings": settings,
         "summary": summarize(sides),
         "sides": sides,

@@ -2,7 +2,7 @@
 
 These prove that the whole pipeline -- offline weights, preprocessing, fine-tuning,
 index and scores -- detects real anomalies. Image sizes and training sets are small
-to keep the suite fast; the benchmark (``benchmarks/one_class.py``) measures the
+to keep the suite fast; the benchmark (``python -m benchmarks.one_class``) measures the
 full protocol.
 """
 

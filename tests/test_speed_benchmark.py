@@ -1,16 +1,13 @@
-"""A tiny run of ``benchmarks/speed.py``: both sides measured and reported, no timings asserted."""
+"""A tiny run of ``benchmarks.speed``: both sides measured and reported, no timings asserted."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import speed
+from benchmarks import speed
 
 SIDE_FIELDS = {
     "precision",
@@ -75,7 +72,7 @@ def test_both_sides_are_measured_reported_and_reused(
     }
     table = (tmp_path / "smoke.md").read_text()
     assert "| fit speed-up |" in table and "| ROC-AUC (%) |" in table
-    assert saved["command"].startswith("python benchmarks/speed.py")
+    assert saved["command"].startswith("python -m benchmarks.speed --train-size 40 ")
 
     capsys.readouterr()
     again = speed.main(argv)  # both sides are done with these settings: nothing is rerun
