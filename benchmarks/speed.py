@@ -6,10 +6,10 @@ loss, then score the test set (ROC-AUC: the normal class against the rest).
 
 * **ours**: :class:`msc_detector.MSCDetector` through its public API (``fit``,
   ``transform``, ``score_samples``) with its automatic fast path.
-* **plain**: the way the paper's public research script works, written here: fp32,
-  NCHW, no autocast; a torchvision (v1) PIL augmentation per image inside a
-  ``Dataset`` behind a plain ``DataLoader`` (``--plain-workers`` processes, 2 as in
-  the research script); ``Resize`` + ``CenterCrop`` per image for evaluation; an
+* **plain**: :class:`benchmarks.plain.PlainMSC`, the way the paper's public research
+  script works: fp32, NCHW, no autocast; a torchvision (v1) PIL augmentation per image
+  inside a ``Dataset`` behind a plain ``DataLoader`` (``--plain-workers`` processes, 2
+  as in the research script); ``Resize`` + ``CenterCrop`` per image for evaluation; an
   exact ``faiss.IndexFlatL2`` with the sum of squared distances to the ``k`` nearest
   training features. The network comes from the same factory
   (:func:`msc_detector.backbones.create_backbone`: same weights, same frozen stages)
@@ -53,7 +53,6 @@ import argparse
 import json
 import math
 import os
-import random
 import resource
 import shlex
 import statistics
@@ -66,9 +65,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.machine_info import machine
+from benchmarks.plain import PlainMSC
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("ours", "plain")
@@ -77,7 +76,6 @@ TARGET_AUC_POINTS = 0.3
 # Settings that do not change what is measured (left out of the resume check).
 _NOT_SETTINGS = {"sides", "out_name", "results_dir", "force", "worker_side"}
 
-# Environment variables that change CPU performance, recorded with the results.
 T = TypeVar("T")
 
 
@@ -310,146 +308,25 @@ def run_ours(settings: dict[str, Any], data: tuple[np.ndarray, ...]) -> dict[str
 # ----------------------------------------------------------------------- plain side
 
 
-class _PILGaussianBlur:
-    """Blur a PIL image with a Gaussian of random sigma (SimCLR / MoCo-v2 style)."""
-
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
-        self.sigma = sigma
-
-    def __call__(self, image: Any) -> Any:
-        from PIL import ImageFilter
-
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-class _PILImages(torch.utils.data.Dataset):
-    """Grayscale uint8 arrays served as RGB PIL images through a per-image transform."""
-
-    def __init__(self, images: np.ndarray, transform: Callable[[Any], Any], views: int = 1):
-        self.images = images
-        self.transform = transform
-        self.views = views
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Any:
-        from PIL import Image
-
-        image = Image.fromarray(self.images[i]).convert("RGB")
-        if self.views == 1:
-            return self.transform(image)
-        return tuple(self.transform(image) for _ in range(self.views))
-
-
-class PlainMSC:
-    """The reference recipe, written plainly: fp32, NCHW, PIL transforms per image."""
-
-    def __init__(self, settings: dict[str, Any]) -> None:
-        from torchvision import transforms as T
-
-        from msc_detector.backbones import create_backbone
-
-        self.settings = settings
-        self.device = torch.device(settings["device"])
-        built = create_backbone(
-            settings["backbone"], settings["weights"], settings["frozen_stages"]
-        )
-        self.model = built.model.to(self.device).eval()
-        pre = built.spec.preprocess
-        size = settings["image_size"]
-        interpolation = T.InterpolationMode(pre.interpolation)
-        normalize = T.Normalize(pre.mean, pre.std)
-        blur_scale = size / 224  # sigma 0.1-2 pixels at 224, the same share of the image as ours
-        self.eval_transform = T.Compose(
-            [
-                T.Resize(
-                    max(size, round(size / settings["crop_pct"])), interpolation=interpolation
-                ),
-                T.CenterCrop(size),
-                T.ToTensor(),
-                normalize,
-            ]
-        )
-        self.train_transform = T.Compose(
-            [
-                T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=interpolation),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-                T.RandomApply([_PILGaussianBlur((0.1 * blur_scale, 2.0 * blur_scale))], p=0.5),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                normalize,
-            ]
-        )
-        self.index: Any = None
-        self.epoch_seconds: list[float] = []
-        self.losses: list[float] = []
-
-    def _loader(self, dataset: _PILImages, batch: int, **kw: Any) -> Any:
-        workers = self.settings["plain_workers"] if len(dataset) > batch else 0
-        return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, **kw)
-
-    @torch.no_grad()
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        """L2-normalised fp32 features."""
-        self.model.eval()
-        loader = self._loader(_PILImages(images, self.eval_transform), self.settings["batch_size"])
-        out = [F.normalize(self.model(x.to(self.device)), dim=1).cpu().numpy() for x in loader]
-        return np.concatenate(out)
-
-    def fit(self, images: np.ndarray) -> PlainMSC:
-        import faiss
-
-        from msc_detector.losses import mean_shifted_contrastive_loss
-
-        s = self.settings
-        features = self.embed(images)
-        center = torch.from_numpy(features.mean(axis=0)).to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=s["lr"], weight_decay=s["weight_decay"])
-        batch = min(s["batch_size"], len(images))
-        loader = self._loader(
-            _PILImages(images, self.train_transform, views=2),
-            batch,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(s["seed"]),
-        )
-        for epoch in range(s["epochs"]):
-            self.model.eval()  # BatchNorm statistics stay fixed, as in ours
-            start = time.perf_counter()
-            total = 0.0
-            for view1, view2 in loader:
-                x = torch.cat([view1, view2]).to(self.device)
-                z = F.normalize(self.model(x), dim=1)
-                n = view1.shape[0]
-                loss = mean_shifted_contrastive_loss(z[:n], z[n:], center, s["temperature"])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-            synchronize(s["device"])
-            self.epoch_seconds.append(time.perf_counter() - start)
-            self.losses.append(total / max(len(loader), 1))
-            print(f"[plain] epoch {epoch + 1}: {self.epoch_seconds[-1]:.1f}s")
-        features = self.embed(images)
-        self.index = faiss.IndexFlatL2(features.shape[1])
-        self.index.add(features)
-        return self
-
-    def score_samples(self, images: np.ndarray) -> np.ndarray:
-        """Minus the sum of squared distances to the k nearest training features."""
-        dists, _ = self.index.search(self.embed(images), self.settings["n_neighbors"])
-        return -dists.sum(axis=1, dtype=np.float64)
-
-
 def run_plain(settings: dict[str, Any], data: tuple[np.ndarray, ...]) -> dict[str, Any]:
-    """Measure the plain reference loop."""
-    torch.manual_seed(settings["seed"])
-    random.seed(settings["seed"])
+    """Measure the plain reference loop of :mod:`benchmarks.plain`."""
     train = data[0]
-    plain = PlainMSC(settings)
+    plain = PlainMSC(
+        settings["backbone"],
+        settings["weights"],
+        frozen_stages=settings["frozen_stages"],
+        image_size=settings["image_size"],
+        crop_pct=settings["crop_pct"],
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        temperature=settings["temperature"],
+        n_neighbors=settings["n_neighbors"],
+        device=settings["device"],
+        workers=settings["plain_workers"],
+        seed=settings["seed"],
+    )
     _, fit_s = timed(lambda: plain.fit(train), settings["device"])
     train_s = sum(plain.epoch_seconds)
     batch = min(settings["batch_size"], len(train))
