@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,14 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Precision", "cpu_supports_bf16", "resolve_device", "resolve_precision"]
+__all__ = [
+    "Precision",
+    "Runtime",
+    "cpu_supports_bf16",
+    "land_device",
+    "resolve_device",
+    "resolve_precision",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -201,3 +209,92 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
         raise ValueError("This CUDA device has no bf16 support; use precision='fp16'.")
     channels_last = kind == "cuda" or (kind == "cpu" and name == "bf16")
     return Precision(name=name, device_type=kind, channels_last=channels_last)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where networks run and in which numeric set-up: one object instead of two arguments.
+
+    Attributes
+    ----------
+    device : torch.device
+    precision : Precision
+        Autocast and memory format for ``device``.
+    """
+
+    device: torch.device
+    precision: Precision
+
+    @classmethod
+    def resolve(cls, device: str | torch.device, precision: str = "auto") -> Runtime:
+        """Build the runtime for a device and a precision specification.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            See :func:`resolve_device`.
+        precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+            See :func:`resolve_precision`.
+        """
+        dev = resolve_device(device)
+        return cls(dev, resolve_precision(precision, dev))
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move a network to the device in the memory format of the precision (in place)."""
+        return self.precision.place(model, self.device)
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Copy a CPU batch to the device (pinned and asynchronous on CUDA)."""
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+
+def land_device(saved: str, requested: str | torch.device = "auto") -> torch.device:
+    """Choose the device a saved or pickled detector lands on: one rule for both.
+
+    With ``requested="auto"`` it is the device the detector was fitted on where that
+    exists here, else the CPU, with a warning when a GPU-fitted detector lands on the
+    CPU. An explicit ``requested`` device must exist here.
+
+    Parameters
+    ----------
+    saved : str
+        The device the detector was fitted on, e.g. ``"cuda:0"``.
+    requested : str or torch.device, default="auto"
+
+    Returns
+    -------
+    torch.device
+    """
+    if not (isinstance(requested, str) and requested == "auto"):
+        return resolve_device(requested)
+    try:
+        return resolve_device(saved)
+    except ValueError:
+        warnings.warn(
+            f"This detector was fitted on {saved}, which is not available here; it is loaded "
+            "on the CPU. Scores match the GPU's up to floating-point precision.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return torch.device("cpu")
+
+
+def land_runtime(
+    saved_device: str, saved_precision: str, precision: str, requested: str | torch.device
+) -> Runtime:
+    """Build the runtime of a loaded detector: :func:`land_device`, saved precision.
+
+    The saved precision is kept on a device of the type it was fitted on; elsewhere the
+    ``precision`` parameter is resolved for the new device (``"auto"`` where it is
+    unavailable there, as fp16 is on a CPU).
+    """
+    device = land_device(saved_device, requested)
+    same_type = torch.device(saved_device).type == device.type
+    try:
+        return Runtime(
+            device, resolve_precision(saved_precision if same_type else precision, device)
+        )
+    except ValueError:
+        return Runtime(device, resolve_precision("auto", device))

@@ -1,109 +1,35 @@
-"""Embedding, centre and the fine-tuning epoch: pure functions over torch objects.
+"""Fine-tuning with a contrastive objective: the centre, the steps and the epoch loop.
 
-The network is kept in ``eval`` mode throughout, also while it is trained: BatchNorm
-layers then use (and never update) their ImageNet running statistics, as the method
-requires, and dropout/drop-path stay off.
+:class:`Trainer` separates what multi-process training needs to wrap: the two views of
+a batch (:meth:`Trainer.views`), the loss of their embeddings (:meth:`Trainer.loss`),
+the optimiser step (:meth:`Trainer.step`), one epoch (:meth:`Trainer.run_epoch`) and
+the loop over epochs with progress and history (:meth:`Trainer.fit`). The network
+stays in ``eval`` mode (see :mod:`msc_detector.embedding`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from msc_detector.augment import TwoViewAugment
-from msc_detector.runtime import Precision
+from msc_detector.augment import AugmentConfig, TwoViewAugment
+from msc_detector.data import ResizedImages
+from msc_detector.embedding import features
+from msc_detector.losses import make_loss
+from msc_detector.runtime import Runtime
 
-__all__ = ["iter_embeddings", "join_views", "mean_center", "train_epoch"]
+__all__ = ["TrainConfig", "Trainer", "fine_tune", "mean_center"]
 
-EvalTransform = Callable[[torch.Tensor], torch.Tensor]
+logger = logging.getLogger(__name__)
 
-# Input pixels per forward pass when embedding on the CPU. Smaller passes keep the
-# activations in cache and mostly below glibc's mmap threshold (fewer page faults):
-# EfficientNet-Lite0 embeds 1.6x (224 px, passes of 6 images) and 1.2x (112 px, passes
-# of 24) faster than in passes of 64.
-_CPU_EMBED_PIXELS = 3 * 2**17
-
-
-def _features(
-    model: nn.Module, x: torch.Tensor, precision: Precision, train: bool = False
-) -> torch.Tensor:
-    """L2-normalised fp32 features of a normalised float batch."""
-    with precision.train_autocast() if train else precision.autocast():
-        out = model(precision.prepare(x))
-    return F.normalize(out.float(), dim=1)
-
-
-@torch.inference_mode()
-def iter_embeddings(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor],
-    transform: EvalTransform,
-    device: torch.device,
-    precision: Precision,
-    flip_average: bool = False,
-) -> Iterator[np.ndarray]:
-    """Yield the normalised fp32 embeddings of each uint8 batch, one array per batch.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Headless network.
-    batches : iterable of torch.Tensor
-        ``uint8`` ``(n, 3, S, S)`` batches (on the CPU).
-    transform : callable
-        Maps a uint8 batch on ``device`` to the normalised float input.
-    device : torch.device
-    precision : Precision
-    flip_average : bool, default=False
-        Embed each image and its left-right mirror and yield the normalised mean of
-        the two embeddings, which is the same for an image and its mirror.
-
-    Yields
-    ------
-    numpy.ndarray of shape (n, d), float32
-    """
-    model.eval()
-    non_blocking = device.type == "cuda"
-    for batch in batches:
-        if non_blocking:
-            batch = batch.pin_memory()
-        batch = batch.to(device, non_blocking=non_blocking)
-        step = len(batch)
-        if device.type == "cpu":
-            step = max(1, _CPU_EMBED_PIXELS // (batch.shape[-2] * batch.shape[-1]))
-        parts = []
-        for part in batch.split(step):
-            x = transform(part)
-            features = _features(model, x, precision)
-            if flip_average:
-                features = F.normalize(features + _features(model, x.flip(-1), precision), dim=1)
-            parts.append(features)
-        yield torch.cat(parts).cpu().numpy()
-
-
-def join_views(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate unit-norm embeddings of several views of the same images.
-
-    Each part is ``(n, d_i)`` with unit-norm rows; the result is scaled by
-    ``1 / sqrt(len(parts))`` so that its rows are unit-norm too. A squared L2
-    distance between joined embeddings is then the mean of the views' squared
-    distances.
-
-    Parameters
-    ----------
-    parts : sequence of numpy.ndarray
-
-    Returns
-    -------
-    numpy.ndarray of shape (n, sum of d_i), float32
-    """
-    if len(parts) == 1:
-        return parts[0]
-    return (np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))).astype(np.float32)
+EpochHook = Callable[[int, float], None]
 
 
 def mean_center(embeddings: np.ndarray) -> np.ndarray:
@@ -111,73 +37,192 @@ def mean_center(embeddings: np.ndarray) -> np.ndarray:
     return embeddings.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
-def train_epoch(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor],
-    augment: TwoViewAugment,
-    loss_fn: nn.Module,
-    center: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    precision: Precision,
-    generator: torch.Generator,
-    scaler: torch.amp.GradScaler | None = None,
-    on_batch: Callable[[float], None] | None = None,
-) -> float:
-    """Run one epoch of fine-tuning and return the mean batch loss.
+@dataclass(frozen=True)
+class TrainConfig:
+    """The fine-tuning recipe.
+
+    Attributes
+    ----------
+    loss : str
+        A name in :data:`msc_detector.losses.LOSSES`.
+    epochs : int
+    batch_size : int
+        Images per step; each gives two views.
+    lr, weight_decay : float
+        Plain SGD (no momentum), as the reference.
+    temperature : float
+        Temperature of the contrastive losses.
+    min_crop_area : float
+        Lower area bound of the random resized crop of the training views.
+    seed : int
+        Seeds the shuffling and the augmentation.
+    verbose : bool
+        Show progress bars over epochs and batches.
+    """
+
+    loss: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    temperature: float
+    min_crop_area: float
+    seed: int
+    verbose: bool = False
+
+
+class Trainer:
+    """Fine-tunes one network on the two views of each batch.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        Headless network with its frozen parameters already set.
-    batches : iterable of torch.Tensor
-        Shuffled ``uint8`` ``(B, 3, S, S)`` batches of training images.
-    augment : TwoViewAugment
-        Makes the two views of each batch.
-    loss_fn : torch.nn.Module
-        Called as ``loss_fn(z1, z2, center)`` on normalised features.
-    center : torch.Tensor of shape (d,)
-        Fixed centre, on ``device``.
-    optimizer : torch.optim.Optimizer
-    device : torch.device
-    precision : Precision
-    generator : torch.Generator
-        Draws the augmentation parameters.
-    scaler : torch.amp.GradScaler, optional
-        Needed for fp16 autocast.
-    on_batch : callable, optional
-        Called with each batch's loss (progress reporting).
-
-    Returns
-    -------
-    float
-        Mean loss over the epoch's batches.
+    network : torch.nn.Module
+        The headless network whose trainable parameters are optimised.
+    compute : torch.nn.Module
+        The module that computes for ``network`` (its folded view, sharing its
+        parameters), or ``network`` itself.
+    center : ndarray of shape (d,)
+        The fixed centre of the normalised pretrained embeddings.
+    config : TrainConfig
+    image_size : int
+        Side of the training views.
+    mean, std : sequence of float
+        The network's input normalisation.
+    runtime : Runtime
     """
-    model.eval()  # BatchNorm statistics stay fixed (see module docstring)
-    non_blocking = device.type == "cuda"
-    total, count = 0.0, 0
-    for batch in batches:
-        if non_blocking:
-            batch = batch.pin_memory()
-        view1, view2 = augment(batch.to(device, non_blocking=non_blocking), generator)
+
+    def __init__(
+        self,
+        network: nn.Module,
+        compute: nn.Module,
+        center: np.ndarray,
+        config: TrainConfig,
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        runtime: Runtime,
+    ) -> None:
+        params = [p for p in network.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("frozen_stages leaves no trainable parameter; lower it.")
+        self.network = network
+        self.compute = compute
+        self.config = config
+        self.runtime = runtime
+        self.center = torch.from_numpy(np.asarray(center, dtype=np.float32)).to(runtime.device)
+        self.augment = TwoViewAugment(
+            image_size, mean, std, AugmentConfig(crop_scale=(float(config.min_crop_area), 1.0))
+        )
+        self.loss_fn = make_loss(config.loss, config.temperature)
+        self.optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        fp16 = runtime.precision.name == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.shuffle = np.random.default_rng(config.seed)
+
+    def views(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make the two augmented views of a ``uint8`` CPU batch, on the device."""
+        return self.augment(self.runtime.to_device(batch), self.generator)
+
+    def loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        """Compute the objective on the embeddings of two views of the same images."""
         n = view1.shape[0]
-        z = _features(model, torch.cat([view1, view2]), precision, train=True)
-        loss = loss_fn(z[:n], z[n:], center)
+        z = features(self.compute, torch.cat([view1, view2]), self.runtime, train=True)
+        loss = self.loss_fn(z[:n], z[n:], self.center)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"The training loss became {loss.item()}; lower lr or use precision='fp32'."
             )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        return loss
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimiser step on ``loss`` (scaled for fp16)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
-        value = float(loss.detach())
-        total += value
-        count += 1
-        if on_batch is not None:
-            on_batch(value)
-    return total / max(count, 1)
+            self.optimizer.step()
+
+    def run_epoch(
+        self, batches: Iterable[torch.Tensor], on_batch: Callable[[float], None] | None = None
+    ) -> float:
+        """Train on each batch once; return the mean batch loss."""
+        self.network.eval()  # BatchNorm statistics stay fixed
+        total, count = 0.0, 0
+        for batch in batches:
+            loss = self.loss(*self.views(batch))
+            self.step(loss)
+            value = float(loss.detach())
+            total += value
+            count += 1
+            if on_batch is not None:
+                on_batch(value)
+        return total / max(count, 1)
+
+    def fit(self, images: ResizedImages, on_epoch: EpochHook | None = None) -> list[dict]:
+        """Run every epoch over shuffled batches of ``images``; return the history.
+
+        Parameters
+        ----------
+        images : ResizedImages
+            The training images, resized once.
+        on_epoch : callable, optional
+            Called as ``on_epoch(epoch, mean_loss)`` after each epoch (from 1).
+
+        Returns
+        -------
+        list of dict
+            Per epoch: ``epoch``, ``loss`` (mean batch loss) and ``seconds``.
+        """
+        config = self.config
+        batch_size = min(config.batch_size, len(images))
+        n_batches = len(images) // batch_size
+        history: list[dict] = []
+        epochs = tqdm(range(config.epochs), desc="epochs", disable=not config.verbose)
+        for epoch in epochs:
+            start = time.perf_counter()
+            with tqdm(
+                total=n_batches, desc=f"epoch {epoch + 1}", leave=False, disable=not config.verbose
+            ) as bar:
+                running: list[float] = []
+
+                def report(value: float, bar: tqdm = bar, running: list[float] = running) -> None:
+                    running.append(value)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
+
+                order = self.shuffle.permutation(len(images))
+                mean_loss = self.run_epoch(
+                    images.batches(batch_size, order, drop_last=True), report
+                )
+            seconds = time.perf_counter() - start
+            history.append({"epoch": epoch + 1, "loss": mean_loss, "seconds": seconds})
+            epochs.set_postfix(loss=f"{mean_loss:.4f}")
+            logger.info("epoch %d: loss %.4f (%.1fs)", epoch + 1, mean_loss, seconds)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, mean_loss)
+        return history
+
+
+def fine_tune(
+    network: nn.Module,
+    images: ResizedImages,
+    center: np.ndarray,
+    config: TrainConfig,
+    *,
+    image_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    runtime: Runtime,
+    compute: nn.Module | None = None,
+    on_epoch: EpochHook | None = None,
+) -> list[dict]:
+    """Fine-tune ``network`` in place on ``images``; return the per-epoch history.
+
+    See :class:`Trainer` for the parameters; ``compute`` defaults to ``network``.
+    """
+    trainer = Trainer(network, compute or network, center, config, image_size, mean, std, runtime)
+    return trainer.fit(images, on_epoch)

@@ -25,6 +25,8 @@ from sklearn.utils import get_tags
 from sklearn.utils._param_validation import InvalidParameterError
 
 from msc_detector import MSCDetector
+from msc_detector.data import as_image_source
+from msc_detector.embedding import View
 from msc_detector.losses import LOSSES
 
 
@@ -195,16 +197,16 @@ def test_out_of_range_parameters_are_rejected_in_fit(images, fast_params, param,
 
 
 def test_min_crop_area_sets_the_training_crop(images, fast_params, monkeypatch) -> None:
-    import msc_detector.estimator as estimator_module
+    import msc_detector.training as training_module
 
     used = []
 
-    class Recording(estimator_module.TwoViewAugment):
+    class Recording(training_module.TwoViewAugment):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             used.append(self.config.crop_scale)
 
-    monkeypatch.setattr(estimator_module, "TwoViewAugment", Recording)
+    monkeypatch.setattr(training_module, "TwoViewAugment", Recording)
     MSCDetector(**fast_params).fit(images)
     MSCDetector(**fast_params, min_crop_area=1.0).fit(images)
     assert used == [(0.2, 1.0), (1.0, 1.0)]
@@ -426,11 +428,12 @@ def test_joblib_round_trip_in_a_fresh_process(fitted, images, tmp_path: Path) ->
 
 
 def test_a_cuda_fitted_model_loads_on_a_cpu_with_a_warning(fitted, images, monkeypatch):
-    from msc_detector.runtime import Precision
+    import json
 
     state = fitted.__getstate__()
-    state["device_"] = "cuda:0"
-    state["precision_"] = Precision("bf16", "cuda", True)
+    metadata = json.loads(state["_model"]["metadata.json"])
+    metadata["fitted"].update(device_="cuda:0", precision_="bf16")
+    state["_model"]["metadata.json"] = json.dumps(metadata).encode()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     restored = MSCDetector.__new__(MSCDetector)
     with pytest.warns(UserWarning, match="fitted on cuda:0.*loaded on the CPU"):
@@ -447,12 +450,22 @@ def test_a_cuda_fitted_model_loads_on_a_cpu_with_a_warning(fitted, images, monke
 # ------------------------------------------------------------ flip averaging
 
 
-def test_flip_average_embeds_the_normalised_mean_of_an_image_and_its_mirror(fitted, images):
-    assert fitted.flip_average and fitted.flip_average_  # the default
+def embed_with(det: MSCDetector, X: np.ndarray, **changes) -> np.ndarray:
+    """Embed ``X`` with a copy of the detector's embedder, some of its settings changed."""
+    embedder = copy.copy(det.embedder_)
+    for name, value in changes.items():
+        setattr(embedder, name, value)
+    return embedder.embed_all(as_image_source(X), batch_size=8)
+
+
+def test_flip_average_embeds_the_normalised_mean_of_an_image_and_its_mirror(images, fast_params):
+    fitted = MSCDetector(**fast_params, flip_average=True).fit(images)
+    assert fitted.flip_average_
     mirrored = np.ascontiguousarray(images[:, :, ::-1])
-    plain = copy.copy(fitted)  # the same network, embedding without the mirror
-    plain.flip_average_ = False
-    expected = plain.transform(images) + plain.transform(mirrored)
+    # the same network, embedding without the mirror
+    expected = embed_with(fitted, images, flip_average=False) + embed_with(
+        fitted, mirrored, flip_average=False
+    )
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(fitted.transform(images), expected, atol=1e-5)
     np.testing.assert_allclose(fitted.transform(mirrored), expected, atol=1e-5)
@@ -461,7 +474,7 @@ def test_flip_average_embeds_the_normalised_mean_of_an_image_and_its_mirror(fitt
 def test_without_flip_average_a_mirror_scores_differently(images, fast_params) -> None:
     mirrored = np.ascontiguousarray(images[:, :, ::-1])
     plain = MSCDetector(**fast_params, flip_average=False).fit(images)
-    averaged = MSCDetector(**fast_params).fit(images)
+    averaged = MSCDetector(**fast_params, flip_average=True).fit(images)
     assert not plain.flip_average_
     gap = np.abs(plain.score_samples(images) - plain.score_samples(mirrored))
     assert gap.min() > 1e-3
@@ -470,21 +483,19 @@ def test_without_flip_average_a_mirror_scores_differently(images, fast_params) -
     )
 
 
+def test_flip_average_is_on_for_small_images_only_by_default(
+    fitted, images, small_images, fast_params
+) -> None:
+    assert fitted.flip_average == "auto" and fitted.flip_average_ is False  # 32 px at 32
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    assert np.abs(fitted.score_samples(images) - fitted.score_samples(mirrored)).min() > 1e-3
+    assert MSCDetector(**fast_params).fit(small_images).flip_average_ is True  # 16 px at 32
+
+
 def test_scoring_follows_the_flip_average_of_the_fit(fitted, images) -> None:
     before = fitted.score_samples(images)
-    fitted.set_params(flip_average=False)  # takes effect at the next fit only
+    fitted.set_params(flip_average=True)  # takes effect at the next fit only
     np.testing.assert_array_equal(fitted.score_samples(images), before)
-
-
-@pytest.mark.parametrize("flag", ["flip_average", "nearest_view"])
-def test_pickles_from_before_a_view_flag_load_with_it_off(images, fast_params, flag) -> None:
-    fitted = MSCDetector(**{**fast_params, flag: False}).fit(images)
-    state = fitted.__getstate__()
-    del state[flag], state[flag + "_"]  # what a pickle of an earlier version holds
-    old = MSCDetector.__new__(MSCDetector)
-    old.__setstate__(state)
-    assert getattr(old, flag) is False and getattr(old, flag + "_") is False
-    np.testing.assert_array_equal(old.score_samples(images), fitted.score_samples(images))
 
 
 # ------------------------------------------------------------- nearest view
@@ -515,18 +526,21 @@ def test_nearest_view_appends_the_pretrained_embedding_of_a_pixel_block_upscale(
     width = det.center_.shape[0]
     assert joined.shape == (16, 2 * width)
     np.testing.assert_allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
-    tuned = copy.copy(det)  # the fine-tuned network, one view
-    tuned.nearest_view_ = False
-    pretrained = copy.copy(tuned)  # the network before fine-tuning, one view
-    pretrained.backbone_ = det.pretrained_backbone_
-    own = tuned.transform(small_images)  # the backbone's own (bicubic) enlargement
+    own_view, nearest_view = det.embedder_.views
+    assert nearest_view.network is det.pretrained_backbone_
+    tuned = {"views": (own_view,)}  # the fine-tuned network, one view
+    pretrained = {"views": (View(own_view.interpolation, det.pretrained_backbone_),)}
+    own = embed_with(det, small_images, **tuned)  # the backbone's own (bicubic) enlargement
     blocks = small_images.repeat(2, axis=1).repeat(2, axis=2)
     np.testing.assert_allclose(joined[:, :width] * np.sqrt(2), own, atol=1e-5)
     np.testing.assert_allclose(
-        joined[:, width:] * np.sqrt(2), pretrained.transform(blocks), atol=1e-5
+        joined[:, width:] * np.sqrt(2), embed_with(det, blocks, **pretrained), atol=1e-5
     )
-    assert np.abs(own - pretrained.transform(small_images)).max() > 1e-3  # fine-tuned
-    assert np.abs(tuned.transform(blocks) - pretrained.transform(blocks)).max() > 1e-3
+    assert np.abs(own - embed_with(det, small_images, **pretrained)).max() > 1e-3  # fine-tuned
+    assert (
+        np.abs(embed_with(det, blocks, **tuned) - embed_with(det, blocks, **pretrained)).max()
+        > 1e-3
+    )
 
 
 def test_the_pretrained_network_is_kept_unchanged(small_images, fast_params) -> None:
@@ -551,23 +565,6 @@ def test_a_pickle_keeps_the_pretrained_network(small_images, fast_params) -> Non
     np.testing.assert_array_equal(copied.score_samples(small_images), scores)
 
 
-def test_a_pickle_from_before_the_pretrained_network_embeds_both_views_with_one(
-    small_images, fast_params
-) -> None:
-    det = MSCDetector(**fast_params).fit(small_images)
-    state = det.__getstate__()
-    del state["_pretrained_backbone_state"]  # what the previous version pickled
-    old = MSCDetector.__new__(MSCDetector)
-    old.__setstate__(state)
-    assert old.nearest_view_ is True and old.pretrained_backbone_ is None
-    one_network = copy.copy(det)
-    one_network.pretrained_backbone_ = None
-    np.testing.assert_array_equal(
-        old.score_samples(small_images), one_network.score_samples(small_images)
-    )
-    assert np.abs(old.transform(small_images) - det.transform(small_images)).max() > 1e-3
-
-
 def test_scoring_follows_the_nearest_view_of_the_fit(small_images, fast_params) -> None:
     det = MSCDetector(**fast_params).fit(small_images)
     before = det.score_samples(small_images)
@@ -584,3 +581,58 @@ def test_epoch_callback_scores_with_both_views(small_images, fast_params) -> Non
     final = MSCDetector(**fast_params, epoch_callback=follow).fit(small_images)
     assert [dim for dim, _ in seen] == [final.index_.dim] * 2 == [2 * 1280] * 2
     np.testing.assert_allclose(seen[-1][1], final.score_samples(small_images[:3]), atol=1e-6)
+
+
+# ------------------------------------------------------ reading never writes
+
+
+def same_state(det: MSCDetector) -> dict:
+    """The estimator's attributes, each by identity, and the fitted arrays' bytes."""
+    return {
+        name: (id(value), value.tobytes() if isinstance(value, np.ndarray) else None)
+        for name, value in vars(det).items()
+    }
+
+
+@pytest.mark.parametrize("origin", ["fitted", "loaded", "unpickled"])
+def test_scoring_leaves_the_estimator_unchanged(small_images, fast_params, origin, tmp_path):
+    det = MSCDetector(**fast_params).fit(small_images)  # two views: two networks
+    if origin == "loaded":
+        det.save(tmp_path / "m.msc")
+        det = MSCDetector.load(tmp_path / "m.msc")
+    elif origin == "unpickled":
+        det = pickle.loads(pickle.dumps(det))
+    before = same_state(det)
+    det.score_samples(small_images)
+    det.decision_function(small_images[:3])
+    det.predict(small_images[:3])
+    det.transform(small_images[:3])
+    det.kneighbors(small_images[:3])
+    det.kneighbors()
+    assert same_state(det) == before
+
+
+def test_a_pickle_and_a_model_file_land_by_the_same_rule(fitted, images, tmp_path, monkeypatch):
+    """Both go to the device they were fitted on where it exists, else to the CPU, warning."""
+    import json
+
+    from msc_detector import persistence
+
+    members = persistence.encode(fitted)
+    metadata = json.loads(members["metadata.json"])
+    metadata["fitted"].update(device_="cuda:0", precision_="bf16")
+    members["metadata.json"] = json.dumps(metadata).encode()
+    state = {**fitted.__getstate__(), "_model": members}
+    monkeypatch.setattr(persistence, "encode", lambda detector: members)
+    fitted.save(tmp_path / "cuda.msc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="fitted on cuda:0.*loaded on the CPU"):
+        loaded = MSCDetector.load(tmp_path / "cuda.msc")
+    unpickled = MSCDetector.__new__(MSCDetector)
+    with pytest.warns(UserWarning, match="fitted on cuda:0.*loaded on the CPU"):
+        unpickled.__setstate__(state)
+    for det in (loaded, unpickled):
+        assert det.device_ == torch.device("cpu") and det.precision_.device_type == "cpu"
+    np.testing.assert_array_equal(loaded.score_samples(images), unpickled.score_samples(images))
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        MSCDetector.load(tmp_path / "cuda.msc", device="cuda")

@@ -188,13 +188,14 @@ def test_detector_computes_with_the_folded_view(
     fast_params: dict, images: np.ndarray, tmp_path
 ) -> None:
     det = MSCDetector(**fast_params).fit(images)
-    _, view = det._compute_backbone["backbone_"]  # (network, its folded view)
+    network, view = det.embedder_._folded[id(det.backbone_)]  # (network, its folded view)
+    assert network is det.backbone_
     assert any(isinstance(m, FoldedConv) for m in view.modules())
     assert not any(isinstance(m, FoldedConv) for m in det.backbone_.modules())
     scores = det.score_samples(images)
-    # The view is a cache: never pickled or saved, rebuilt on demand after loading.
+    # The view is a cache of the embedder: never pickled or saved, rebuilt on demand.
     restored = pickle.loads(pickle.dumps(det))
-    assert not hasattr(restored, "_compute_backbone")
+    assert restored.embedder_._folded == {}
     np.testing.assert_allclose(restored.score_samples(images), scores, rtol=1e-5, atol=1e-6)
     det.save(tmp_path / "model.msc")
     loaded = MSCDetector.load(tmp_path / "model.msc")
