@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import speed
@@ -60,6 +61,13 @@ def test_both_sides_are_measured_reported_and_reused(
         assert saved["sides"][side]["n_train"] == 40
         assert "torch" in saved["sides"][side]["machine"]
     assert saved["sides"]["plain"]["metrics"]["precision"] == "fp32"
+    assert saved["settings"]["source_size"] is None
+    # ours keeps the detector's flip_average and nearest_view, and says what they were
+    ours_metrics = saved["sides"]["ours"]["metrics"]
+    assert ours_metrics["embed_views_per_image"] == (1 + ours_metrics["flip_average"]) * (
+        1 + ours_metrics["nearest_view"]
+    )
+    assert saved["sides"]["plain"]["metrics"]["embed_views_per_image"] == 1
     # A depthwise backward costs about two forwards, not ``groups`` times more.
     ours = saved["sides"]["ours"]["metrics"]
     assert 1.5 < ours["train_gflop_per_view"] / ours["embed_gflop_per_image"] < 3.0
@@ -78,3 +86,15 @@ def test_both_sides_are_measured_reported_and_reused(
     again = speed.main(argv)  # both sides are done with these settings: nothing is rerun
     assert "reusing" in capsys.readouterr().out
     assert again["summary"] == report["summary"]
+
+
+def test_source_size_resizes_both_sides_images_once_and_is_recorded(fashion_mnist: None) -> None:
+    argv = ["--source-size", "64", "--train-size", "5", "--test-size", "7", "--weights", "none"]
+    settings = speed.resolve_settings(speed.parse_args(argv))
+    assert settings["source_size"] == 64
+    train, test, is_normal = speed.load_data(settings)
+    assert train.shape == (5, 64, 64) and test.shape == (7, 64, 64)
+    assert train.dtype == test.dtype == np.uint8 and is_normal.shape == (7,)
+    original, _, _ = speed.load_data({**settings, "source_size": None})
+    assert original.shape == (5, 28, 28)
+    np.testing.assert_array_equal(train, speed.resize_images(original, 64))
