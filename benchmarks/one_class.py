@@ -37,12 +37,13 @@ from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
 
 from benchmarks.machine_info import machine
 from msc_detector import MSCDetector
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100")
+DATASETS = ("fashion-mnist", "digits", "opencv-digits", "cifar10", "cifar100")
 
 
 class DatasetMissing(Exception):
@@ -74,8 +75,27 @@ def _cifar(root: Path, coarse: bool) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
+def _digits(name: str, root: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """All images and labels of scikit-learn's digits or of OpenCV's digits."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
+    from msc_detector.datasets import load_opencv_digits
+
+    try:
+        return load_opencv_digits(root)
+    except FileNotFoundError as exc:
+        raise DatasetMissing(str(exc)) from exc
+
+
 def load_dataset(name: str, root: str | None) -> tuple[np.ndarray, ...]:
-    """Return ``(X_train, y_train, X_test, y_test)`` with channels-last uint8 images."""
+    """Return ``(X_train, y_train, X_test, y_test)`` with channels-last uint8 images.
+
+    ``digits`` (scikit-learn's 8 x 8 digits) and ``opencv-digits`` (OpenCV's 20 x 20
+    digits, 500 per class) are split in halves, stratified by class, with seed 0.
+    """
     if name == "fashion-mnist":
         from msc_detector.datasets import load_fashion_mnist
 
@@ -83,14 +103,10 @@ def load_dataset(name: str, root: str | None) -> tuple[np.ndarray, ...]:
             return (*load_fashion_mnist("train", root), *load_fashion_mnist("test", root))
         except FileNotFoundError as exc:
             raise DatasetMissing(str(exc)) from exc
-    if name == "digits":
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    if name in ("digits", "opencv-digits"):
+        images, labels = _digits(name, root)
         x_tr, x_te, y_tr, y_te = train_test_split(
-            images, digits.target, test_size=0.5, stratify=digits.target, random_state=0
+            images, labels, test_size=0.5, stratify=labels, random_state=0
         )
         return x_tr, y_tr, x_te, y_te
     if name in ("cifar10", "cifar100"):
@@ -122,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--flip-average",
-        choices=("on", "off"),
+        choices=("on", "off", "auto"),
         default=None,
         help="average each image's embedding with its mirror's (default: the detector's)",
     )
@@ -166,7 +182,8 @@ def detector_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.crop_pct is not None:
         params["crop_pct"] = None if args.crop_pct.lower() == "none" else float(args.crop_pct)
     if args.flip_average is not None:
-        params["flip_average"] = args.flip_average == "on"
+        flip = args.flip_average
+        params["flip_average"] = flip if flip == "auto" else flip == "on"
     if args.nearest_view is not None:
         view = args.nearest_view
         params["nearest_view"] = view if view == "auto" else view == "on"

@@ -1,7 +1,9 @@
 """Loaders for the small labelled image sets used by the examples, tests and benchmarks.
 
 Nothing is downloaded: Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``
-package (or any folder holding the four idx files), digits from scikit-learn.
+package (or any folder holding the four idx files), OpenCV's handwritten digits from
+Debian's ``opencv-doc`` package (or any folder holding ``digits.png``), digits from
+scikit-learn.
 """
 
 from __future__ import annotations
@@ -12,9 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "load_fashion_mnist", "one_class_split"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "OPENCV_DIGITS_DIR",
+    "load_fashion_mnist",
+    "load_opencv_digits",
+    "one_class_split",
+]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+OPENCV_DIGITS_DIR = Path("/usr/share/doc/opencv-doc/examples/data")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -77,6 +87,48 @@ def load_fashion_mnist(
             )
         found.append(_read_idx(path))
     return found[0], found[1]
+
+
+def load_opencv_digits(
+    root: str | os.PathLike[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load OpenCV's 5,000 handwritten digits, 500 of each class, in class order.
+
+    OpenCV's sample image ``digits.png`` is a 1000 x 2000 grey sheet of 20 x 20 digits,
+    100 to a row; every five rows hold 500 digits of one class, 0 to 9. It is read with
+    PIL; OpenCV is not needed.
+
+    Parameters
+    ----------
+    root : path-like, optional
+        Folder with ``digits.png`` (or ``digits.png.gz``); defaults to
+        ``/usr/share/doc/opencv-doc/examples/data``, where Debian's ``opencv-doc``
+        package puts it.
+
+    Returns
+    -------
+    images : ndarray of shape (5000, 20, 20), uint8
+        White digits on black.
+    labels : ndarray of shape (5000,), int64
+        ``0`` for the first 500 images, ``1`` for the next 500, and so on.
+    """
+    from PIL import Image
+
+    folder = Path(root) if root is not None else OPENCV_DIGITS_DIR
+    candidates = [folder / "digits.png", folder / "digits.png.gz"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"OpenCV's digits image {candidates[0]} not found. Install Debian's package "
+            "(apt-get install opencv-doc) or pass root= to a folder with digits.png."
+        )
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f, Image.open(f) as image:
+        sheet = np.asarray(image.convert("L"))
+    if sheet.shape != (1000, 2000):
+        raise ValueError(f"{path} is {sheet.shape[1]} x {sheet.shape[0]} pixels, not 2000 x 1000.")
+    images = sheet.reshape(50, 20, 100, 20).swapaxes(1, 2).reshape(5000, 20, 20)
+    return np.ascontiguousarray(images), np.repeat(np.arange(10, dtype=np.int64), 500)
 
 
 def one_class_split(labels: np.ndarray, normal_class: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Set up msc-detector on a fresh Debian machine (run as root from the repository root).
 #
-# 1. Fashion-MNIST for the quickstart, from Debian's dataset-fashion-mnist package, when it
-#    is missing and apt-get exists. Best effort: without it the quickstart uses
-#    scikit-learn's digits instead.
+# 1. Data sets from Debian packages, when they are missing and apt-get exists (one
+#    `apt-get update` for both). Best effort: a package that cannot be installed is
+#    reported and the script goes on.
+#    - dataset-fashion-mnist: Fashion-MNIST for the quickstart, examples, tests and
+#      benchmarks; without it the quickstart uses scikit-learn's digits instead.
+#    - opencv-doc: OpenCV's handwritten digits (examples/data/digits.png) for the
+#      opencv-digits benchmark; its smoke test fails without it.
 # 2. The package in editable mode with its test, docs and bench extras.
 #
 # Safe to run again: each step only does work that is still missing.
@@ -12,19 +16,54 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 FASHION_MNIST_DIR="/usr/share/datasets/fashion-mnist"
+OPENCV_DIGITS="/usr/share/doc/opencv-doc/examples/data/digits.png"
 PYTHON="${PYTHON:-python}"
 
-if [ -d "$FASHION_MNIST_DIR" ]; then
+have_fashion_mnist() { [ -d "$FASHION_MNIST_DIR" ]; }
+have_opencv_digits() { [ -f "$OPENCV_DIGITS" ] || [ -f "$OPENCV_DIGITS.gz" ]; }
+
+# What is lost without each package.
+without() {
+    case "$1" in
+        dataset-fashion-mnist) echo "the quickstart will use scikit-learn's digits instead" ;;
+        opencv-doc) echo "the opencv-digits benchmark and its smoke test need $OPENCV_DIGITS" ;;
+    esac
+}
+
+missing=()
+if have_fashion_mnist; then
     echo "install.sh: Fashion-MNIST found in $FASHION_MNIST_DIR"
-elif command -v apt-get >/dev/null 2>&1; then
-    echo "install.sh: installing Debian's dataset-fashion-mnist"
-    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }; then
-        echo "install.sh: note: could not install dataset-fashion-mnist;" \
-            "the quickstart will use scikit-learn's digits instead" >&2
-    fi
 else
-    echo "install.sh: note: no apt-get here, so no Fashion-MNIST;" \
-        "the quickstart will use scikit-learn's digits instead" >&2
+    missing+=(dataset-fashion-mnist)
+fi
+if have_opencv_digits; then
+    echo "install.sh: OpenCV's digits found at $OPENCV_DIGITS"
+else
+    missing+=(opencv-doc)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        for package in "${missing[@]}"; do
+            echo "install.sh: note: no apt-get here, so no $package; $(without "$package")" >&2
+        done
+    elif ! apt-get update -q; then
+        for package in "${missing[@]}"; do
+            echo "install.sh: note: apt-get update failed, so no $package;" \
+                "$(without "$package")" >&2
+        done
+    else
+        for package in "${missing[@]}"; do
+            echo "install.sh: installing Debian's $package"
+            if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$package"; then
+                echo "install.sh: note: could not install $package; $(without "$package")" >&2
+            fi
+        done
+        if [[ " ${missing[*]} " == *" opencv-doc "* ]] && ! have_opencv_digits; then
+            echo "install.sh: note: opencv-doc is installed but $OPENCV_DIGITS is not there" \
+                "(does dpkg exclude /usr/share/doc here?); $(without opencv-doc)" >&2
+        fi
+    fi
 fi
 
 echo "install.sh: installing msc-detector with the test, docs and bench extras"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import compare, one_class
@@ -92,3 +93,44 @@ def test_options_given_reach_the_detector_and_the_rest_stay_its_defaults() -> No
     )
     assert given["flip_average"] is False and given["image_size"] == 288 and given["loss"] is None
     assert "flip_average" not in one_class.detector_params(one_class.parse_args([]))
+    for option, value in (("on", True), ("auto", "auto")):
+        args = one_class.parse_args(["--flip-average", option, "--nearest-view", option])
+        assert one_class.detector_params(args)["flip_average"] == value
+        assert one_class.detector_params(args)["nearest_view"] == value
+
+
+@pytest.fixture(scope="module")
+def opencv_digits() -> None:
+    """OpenCV's digits.png must be here: scripts/install.sh installs it (opencv-doc)."""
+    from msc_detector.datasets import load_opencv_digits
+
+    try:
+        load_opencv_digits()
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc} Run `bash scripts/install.sh`, which installs it.")
+
+
+def test_opencv_digits_split_is_stratified_halves(opencv_digits: None) -> None:
+    x_tr, y_tr, x_te, y_te = one_class.load_dataset("opencv-digits", None)
+    assert x_tr.shape == (2500, 20, 20) and x_te.shape == (2500, 20, 20)
+    assert x_tr.dtype == np.uint8
+    assert np.bincount(y_tr).tolist() == [250] * 10 and np.bincount(y_te).tolist() == [250] * 10
+    again = one_class.load_dataset("opencv-digits", None)  # the split is fixed
+    np.testing.assert_array_equal(again[0], x_tr)
+
+
+def test_one_class_opencv_digits_one_class(opencv_digits: None, tmp_path: Path) -> None:
+    argv = ["--dataset", "opencv-digits", "--classes", "3", "--train-size", "20"]
+    argv += ["--test-size", "100", "--image-size", "32", "--epochs", "1", "--weights", "none"]
+    result = one_class.run([*argv, "--results-dir", str(tmp_path), "--name", "ocv"])
+    assert list(result["classes"]) == ["3"]
+    row = result["classes"]["3"]
+    assert row["n_train"] == 20 and 0.0 <= row["roc_auc"] <= 1.0
+    assert result["settings"]["dataset"] == "opencv-digits"
+    assert result["settings"]["test_size"] == 100
+
+
+def test_missing_opencv_digits_says_which_package(tmp_path: Path, capsys) -> None:
+    argv = ["--dataset", "opencv-digits", "--data-root", str(tmp_path)]
+    assert one_class.run([*argv, "--results-dir", str(tmp_path)]) == {}
+    assert "apt-get install opencv-doc" in capsys.readouterr().out
