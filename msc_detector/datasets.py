@@ -9,6 +9,7 @@ scikit-learn.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from pathlib import Path
 
@@ -123,7 +124,9 @@ def load_opencv_digits(
             "(apt-get install opencv-doc) or pass root= to a folder with digits.png."
         )
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f, Image.open(f) as image:
+    with opener(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
         sheet = np.asarray(image.convert("L"))
     if sheet.shape != (1000, 2000):
         raise ValueError(f"{path} is {sheet.shape[1]} x {sheet.shape[0]} pixels, not 2000 x 1000.")
