@@ -59,6 +59,12 @@ class KNNIndex:
         self._search_index = None
         return self
 
+    def vectors(self) -> np.ndarray:
+        """Return the indexed vectors, ``(ntotal, dim)`` float32, in the order added."""
+        if self.index is None:
+            raise RuntimeError("The index is empty; call fit first.")
+        return self.index.reconstruct_n(0, self.ntotal)
+
     def _searcher(self) -> Any:
         if self._search_index is None:
             self._search_index = self.index
@@ -108,8 +114,7 @@ class KNNIndex:
         """
         if k + 1 > self.ntotal:
             raise ValueError(f"Leave-self-out with k={k} needs at least {k + 1} indexed vectors.")
-        vectors = self.index.reconstruct_n(0, self.ntotal)
-        dists, idx = self.search(vectors, k + 1)
+        dists, idx = self.search(self.vectors(), k + 1)
         is_self = idx == np.arange(len(idx))[:, None]
         # Rows without a self match drop their last (farthest) column.
         is_self[~is_self.any(axis=1), -1] = True
@@ -133,14 +138,3 @@ class KNNIndex:
         blob = state["index"]
         self.index = None if blob is None else faiss.deserialize_index(np.asarray(blob))
         self._search_index = None
-
-    def to_bytes(self) -> bytes:
-        """Serialise the index with ``faiss.serialize_index``."""
-        return faiss.serialize_index(self.index).tobytes()
-
-    @classmethod
-    def from_bytes(cls, blob: bytes, chunk_size: int = 16384, use_gpu: bool = False) -> KNNIndex:
-        """Rebuild an index written by :meth:`to_bytes`."""
-        new = cls(chunk_size=chunk_size, use_gpu=use_gpu)
-        new.index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8).copy())
-        return new

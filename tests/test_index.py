@@ -60,8 +60,15 @@ def test_too_many_neighbours_is_an_error(vectors) -> None:
         index.search_leave_self_out(3)
 
 
-def test_pickle_and_bytes_round_trip(vectors) -> None:
+def test_vectors_return_what_was_indexed(vectors) -> None:
+    index = KNNIndex().fit(vectors)
+    np.testing.assert_array_equal(index.vectors(), vectors)
+    with pytest.raises(RuntimeError, match="empty"):
+        KNNIndex().vectors()
+
+
+def test_pickle_and_vectors_round_trip(vectors) -> None:
     index = KNNIndex(chunk_size=5).fit(vectors)
-    for copy in (pickle.loads(pickle.dumps(index)), KNNIndex.from_bytes(index.to_bytes())):
+    for copy in (pickle.loads(pickle.dumps(index)), KNNIndex().fit(index.vectors())):
         assert copy.ntotal == 50 and copy.dim == 8
         np.testing.assert_array_equal(copy.search(vectors, 2)[1], index.search(vectors, 2)[1])
