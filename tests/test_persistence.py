@@ -20,6 +20,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
 from sklearn.exceptions import NotFittedError
@@ -27,7 +28,7 @@ from sklearn.exceptions import NotFittedError
 import msc_detector
 from msc_detector import ModelFileError, MSCDetector, persistence
 
-MEMBERS = ("manifest.json", "metadata.json", "arrays.safetensors", "index.faiss")
+MEMBERS = ("manifest.json", "metadata.json", "arrays.safetensors", "networks.safetensors")
 FAST = {"weights": None, "image_size": 32, "epochs": 1, "batch_size": 8, "random_state": 0}
 
 
@@ -49,12 +50,28 @@ def saved(model, tmp_path: Path) -> Path:
     return copy_path
 
 
+@pytest.fixture(params=["read", "inspect"])
+def reader(request) -> Callable[[Path], object]:
+    """Both entry points must refuse a damaged file (MSCDetector.load calls read)."""
+    return persistence.read if request.param == "read" else msc_detector.inspect
+
+
 # ------------------------------------------------------------------ helpers
 
 
 def read_members(path: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(path) as archive:
         return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def manifest_for(members: dict[str, bytes], version: int = persistence.FORMAT_VERSION) -> bytes:
+    listed = {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in members.items()
+        if name != "manifest.json"
+    }
+    manifest = {"format": "msc-detector-model", "format_version": version, "members": listed}
+    return json.dumps(manifest).encode()
 
 
 def write_members(
@@ -66,13 +83,7 @@ def write_members(
     """Write a zip like save does; with refresh_manifest, the checksums match the content."""
     members = dict(members)
     if refresh_manifest:
-        manifest = json.loads(members["manifest.json"])
-        manifest["members"] = {
-            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            for name, data in members.items()
-            if name != "manifest.json"
-        }
-        members["manifest.json"] = json.dumps(manifest).encode()
+        members["manifest.json"] = manifest_for(members)
     with zipfile.ZipFile(path, "w", compression) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
@@ -87,6 +98,14 @@ def edit_metadata(path: Path, edit: Callable[[dict], None]) -> None:
     write_members(path, members)
 
 
+def edit_safetensors(path: Path, member: str, edit: Callable[[dict], dict]) -> None:
+    """Change the tensors of a safetensors member and re-checksum."""
+    module = safetensors.torch if member == "networks.safetensors" else safetensors.numpy
+    members = read_members(path)
+    members[member] = module.save(edit(module.load(members[member])))
+    write_members(path, members)
+
+
 def member_data_offset(path: Path, name: str) -> int:
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(name)
@@ -94,6 +113,12 @@ def member_data_offset(path: Path, name: str) -> int:
         handle.seek(info.header_offset + 26)
         name_len, extra_len = struct.unpack("<HH", handle.read(4))
     return info.header_offset + 30 + name_len + extra_len
+
+
+def central_directory(data: bytes) -> tuple[int, int]:
+    """Offset of the central directory and of the end-of-central-directory record."""
+    end = data.rindex(b"PK\x05\x06")
+    return struct.unpack("<I", data[end + 16 : end + 20])[0], end
 
 
 def run_python(code: str) -> str:
@@ -144,23 +169,17 @@ def test_round_trip_restores_parameters_and_every_fitted_attribute(model) -> Non
         warnings.simplefilter("error")
         loaded = MSCDetector.load(path, device="cpu")
     assert loaded.get_params() == detector.get_params()
-    cache = {"_compute_backbone"}  # the folded view of backbone_, rebuilt on demand
+    cache = {"_compute_backbone"}  # a cache some versions keep, rebuilt on demand
     assert set(vars(loaded)) - cache == set(vars(detector)) - cache
-    assert loaded.offset_ == detector.offset_
-    assert loaded.image_size_ == detector.image_size_
-    assert loaded.crop_pct_ == detector.crop_pct_
-    assert loaded.flip_average_ is detector.flip_average_ is True
-    assert loaded.n_train_ == detector.n_train_
-    assert loaded.history_ == detector.history_
+    for name, field in persistence.FITTED.items():
+        assert field.encode(getattr(loaded, name)) == field.encode(getattr(detector, name)), name
     assert loaded.backbone_spec_ == detector.backbone_spec_
-    assert loaded.weights_source_ == detector.weights_source_
-    assert loaded.precision_ == detector.precision_
     assert loaded.device_ == torch.device("cpu")
     np.testing.assert_array_equal(loaded.center_, detector.center_)
     np.testing.assert_array_equal(loaded.train_scores_, detector.train_scores_)
+    np.testing.assert_array_equal(loaded.index_.vectors(), detector.index_.vectors())
     assert loaded.center_.dtype == np.float32
     assert loaded.train_scores_.dtype == np.float64
-    assert loaded.index_.ntotal == detector.index_.ntotal
     assert [p.requires_grad for p in loaded.backbone_.parameters()] == [
         p.requires_grad for p in detector.backbone_.parameters()
     ]
@@ -169,14 +188,43 @@ def test_round_trip_restores_parameters_and_every_fitted_attribute(model) -> Non
     np.testing.assert_array_equal(loaded.kneighbors()[1], detector.kneighbors()[1])
 
 
+def test_encode_and_decode_round_trip_without_a_file(model) -> None:
+    """The pickle path: the same encoder, no archive, no manifest."""
+    detector = model[0]
+    members = persistence.encode(detector)
+    assert list(members) == list(MEMBERS[1:])
+    decoded = persistence.decode(members, "pickle")
+    assert decoded.fitted == json.loads(members["metadata.json"])["fitted"]
+    assert decoded.fitted["device_"] == "cpu"
+    assert decoded.backbone_spec == detector.backbone_spec_
+    assert decoded.pretrained_backbone is None
+    np.testing.assert_array_equal(decoded.index.vectors(), detector.index_.vectors())
+    state = decoded.backbone.state_dict()
+    for key, value in detector.backbone_.state_dict().items():
+        torch.testing.assert_close(state[key], value.to(state[key].dtype), rtol=0, atol=0)
+    with pytest.raises(ModelFileError, match=r"pickle is not a usable.*missing member"):
+        persistence.decode({}, "pickle")
+
+
 def test_saving_twice_overwrites_and_leaves_no_temporary_file(model, tmp_path: Path) -> None:
     detector = model[0]
     path = tmp_path / "model.bin"  # any name works
     path.write_bytes(b"old content")
+    os.chmod(path, 0o600)
     detector.save(str(path))
     detector.save(path)
     assert os.listdir(tmp_path) == ["model.bin"]
-    assert MSCDetector.load(str(path)).n_train_ == detector.n_train_
+    assert path.stat().st_mode & 0o777 == 0o600  # the replaced file's permissions are kept
+    assert persistence.read(str(path)).fitted["n_train_"] == detector.n_train_
+
+
+def test_saving_through_a_symlink_writes_its_target(model, tmp_path: Path) -> None:
+    target, link = tmp_path / "target.msc", tmp_path / "link.msc"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    model[0].save(link)
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["link.msc", "target.msc"]
+    assert msc_detector.inspect(target)["fitted"]["n_train_"] == 24
 
 
 def test_joblib_and_pickle_keep_working(model) -> None:
@@ -240,7 +288,7 @@ def test_inspect_verifies_without_importing_torch(model) -> None:
     result = json.loads(out)
     assert result["heavy"] == []
     assert result["info"]["fitted"]["n_train_"] == 24
-    assert result["info"]["format_version"] == persistence.FORMAT_VERSION
+    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 2
 
 
 def test_inspect_returns_the_metadata(model) -> None:
@@ -254,18 +302,12 @@ def test_inspect_returns_the_metadata(model) -> None:
     assert info["params"]["image_size"] == 32
     assert "epoch_callback" in info["params"]
     assert info["backbone_spec"] == json.loads(json.dumps(detector.backbone_spec_.to_dict()))
+    assert set(info["fitted"]) == set(persistence.FITTED)
     assert info["fitted"]["offset_"] == detector.offset_
     assert info["fitted"]["device_"] == "cpu"
     assert info["fitted"]["precision_"] == detector.precision_.name
-    assert info["index"] == {
-        "type": "IndexFlatL2",
-        "dim": detector.backbone_spec_.num_features,
-        "ntotal": 24,
-        "chunk_size": detector.index_.chunk_size,
-        "use_gpu": False,
-    }
     members = read_members(path)
-    assert list(members) == [*MEMBERS, "backbone.safetensors"]
+    assert list(members) == list(MEMBERS)
     for name, entry in info["members"].items():
         assert entry == {
             "size": len(members[name]),
@@ -273,9 +315,16 @@ def test_inspect_returns_the_metadata(model) -> None:
         }
 
 
-def test_members_are_stored_uncompressed(model) -> None:
-    with zipfile.ZipFile(model[1]) as archive:
+def test_the_file_holds_the_index_vectors_and_prefixed_networks(model) -> None:
+    detector, path, _ = model
+    with zipfile.ZipFile(path) as archive:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+    members = read_members(path)
+    arrays = safetensors.numpy.load(members["arrays.safetensors"])
+    assert sorted(arrays) == ["center_", "index_vectors", "train_scores_"]
+    np.testing.assert_array_equal(arrays["index_vectors"], detector.index_.vectors())
+    keys = safetensors.torch.load(members["networks.safetensors"])
+    assert keys and all(key.startswith("backbone.") for key in keys)
 
 
 def test_import_of_the_package_is_lazy() -> None:
@@ -300,12 +349,6 @@ def test_import_of_the_package_is_lazy() -> None:
 # --------------------------------------------------------- damaged files
 
 
-@pytest.fixture(params=["load", "inspect"])
-def reader(request) -> Callable[[Path], object]:
-    """Both entry points must refuse a damaged file."""
-    return MSCDetector.load if request.param == "load" else msc_detector.inspect
-
-
 def test_truncated_file(saved: Path, reader) -> None:
     data = saved.read_bytes()
     for size in (len(data) // 2, len(data) - 10):
@@ -316,11 +359,41 @@ def test_truncated_file(saved: Path, reader) -> None:
 
 
 def test_flipped_byte_in_a_member(saved: Path, reader) -> None:
-    offset = member_data_offset(saved, "backbone.safetensors") + 100_000
+    offset = member_data_offset(saved, "networks.safetensors") + 100_000
     data = bytearray(saved.read_bytes())
     data[offset] ^= 0xFF
     saved.write_bytes(bytes(data))
-    with pytest.raises(ModelFileError, match=r"'backbone\.safetensors' is corrupted"):
+    with pytest.raises(ModelFileError, match=r"'networks\.safetensors' is corrupted"):
+        reader(saved)
+
+
+def test_every_flipped_bit_in_the_central_directory_is_a_model_file_error(tmp_path: Path) -> None:
+    """zipfile raises many exception types on damage; readers turn each into ModelFileError."""
+    path = tmp_path / "small.msc"
+    payload = {name: name.encode() * 3 for name in MEMBERS[1:]}
+    write_members(path, {"manifest.json": b"", **payload})
+    data = path.read_bytes()
+    start, end = central_directory(data)
+    for offset in range(start, end + 22):
+        for bit in range(8):
+            damaged = bytearray(data)
+            damaged[offset] ^= 1 << bit
+            path.write_bytes(bytes(damaged))
+            try:
+                _, _, members = persistence._verified_members(path)
+            except ModelFileError:
+                continue
+            assert members == payload, (offset, bit)  # a harmless bit, e.g. of a timestamp
+
+
+@pytest.mark.parametrize("field", ["directory offset", "local header offset"])
+def test_a_flipped_offset_in_the_central_directory(saved: Path, reader, field: str) -> None:
+    data = bytearray(saved.read_bytes())
+    start, end = central_directory(bytes(data))
+    offset = end + 16 if field == "directory offset" else start + 42  # first entry's
+    data[offset + 2] ^= 0x10
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="not a usable model file"):
         reader(saved)
 
 
@@ -330,7 +403,7 @@ def test_altered_member_with_a_valid_crc_fails_the_checksum(saved: Path, reader)
     members["metadata.json"] = original.replace(b'"offset_": -', b'"offset_": +')
     assert members["metadata.json"] != original  # same size, valid CRC, stale manifest
     write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match=r"'metadata\.json' is corrupted or was altered"):
+    with pytest.raises(ModelFileError, match=r"'metadata\.json' does not match its SHA-256"):
         reader(saved)
 
 
@@ -338,7 +411,7 @@ def test_a_member_whose_size_differs_from_the_manifest(saved: Path, reader) -> N
     members = read_members(saved)
     members["metadata.json"] = json.dumps(json.loads(members["metadata.json"])).encode()
     write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match=r"'metadata\.json' has \d+ bytes but the manifest"):
+    with pytest.raises(ModelFileError, match=r"'metadata\.json' has \d+ bytes, not \d+"):
         reader(saved)
 
 
@@ -346,21 +419,71 @@ def test_invalid_json_with_matching_checksums(saved: Path, reader) -> None:
     members = read_members(saved)
     members["metadata.json"] = members["metadata.json"][:-2]
     write_members(saved, members)
-    with pytest.raises(ModelFileError, match=r"metadata\.json is not valid JSON"):
+    with pytest.raises(ModelFileError, match=r"metadata\.json is not valid"):
         reader(saved)
 
 
-def test_metadata_of_the_wrong_shape(saved: Path, reader) -> None:
-    edit_metadata(saved, lambda m: m["fitted"].update(offset_="-0.1"))
-    with pytest.raises(ModelFileError, match="offset_ must be a number"):
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["fitted"].update(offset_="-0.1"), r"\['offset_'\] must be a finite number"),
+        (lambda m: m["fitted"].update(offset_=float("nan")), "offset_'] must be a finite"),
+        (lambda m: m["fitted"].update(flip_average_="yes"), "flip_average_'] must be a boolean"),
+        (lambda m: m["fitted"].update(nearest_view_=1), "nearest_view_'] must be a boolean"),
+        (lambda m: m["fitted"].update(image_size_=8), r"image_size_'\] must be an int in"),
+        (lambda m: m["fitted"].update(device_="gpu0"), "device_'] must be a device"),
+        (lambda m: m["fitted"].update(precision_="fp8"), "precision_'] must be fp32"),
+        (lambda m: m["fitted"].update(history_=[{"loss": "x"}]), "history_'] must be a list"),
+        (lambda m: m["fitted"].pop("crop_pct_"), r"\['fitted'\] must be an object with the keys"),
+        (lambda m: m["fitted"].update(extra_=1), r"\['fitted'\] must be an object with the keys"),
+        (lambda m: m.update(params=[1]), r"\['params'\] must be an object of nulls"),
+        (lambda m: m["params"].update(n_neighbors=[3]), r"\['params'\] must be an object"),
+        (lambda m: m["versions"].update(torch=2), r"\['versions'\] must be an object of strings"),
+        (lambda m: m.pop("created"), r"metadata\.json must be an object with the keys"),
+        (lambda m: m["backbone_spec"].update(num_features=0), "positive integer num_features"),
+    ],
+)
+def test_metadata_of_the_wrong_shape(saved: Path, reader, edit, message: str) -> None:
+    edit_metadata(saved, edit)
+    with pytest.raises(ModelFileError, match=message):
+        reader(saved)
+
+
+def test_an_invalid_backbone_spec_is_refused(saved: Path) -> None:
+    edit_metadata(saved, lambda m: m["backbone_spec"].pop("preprocess"))
+    with pytest.raises(ModelFileError, match="invalid backbone_spec"):
+        persistence.read(saved)
+
+
+def test_a_metadata_member_over_its_size_limit(saved: Path, reader) -> None:
+    members = read_members(saved)
+    limit = persistence._LIMITS["metadata.json"]
+    members["metadata.json"] += b" " * (limit + 1 - len(members["metadata.json"]))
+    write_members(saved, members)
+    with pytest.raises(ModelFileError, match=rf"'metadata\.json' declares more than {limit}"):
+        reader(saved)
+    with pytest.raises(ModelFileError, match=r"metadata\.json has \d+ bytes, over its limit"):
+        persistence.decode({**members}, "pickle")
+
+
+def test_a_history_over_its_length_limit(saved: Path, reader) -> None:
+    edit_metadata(saved, lambda m: m["fitted"].update(history_=[{}] * 100_001))
+    with pytest.raises(ModelFileError, match="history_'] must be a list of at most 100000"):
+        reader(saved)
+
+
+def test_oversized_members_are_refused_before_reading(saved: Path, reader, monkeypatch) -> None:
+    monkeypatch.setitem(persistence._LIMITS, "metadata.json", 100)
+    monkeypatch.setattr(persistence, "_read", lambda *a, **k: pytest.fail("a member was read"))
+    with pytest.raises(ModelFileError, match=r"'metadata\.json' declares more than 100 bytes"):
         reader(saved)
 
 
 def test_missing_member(saved: Path, reader) -> None:
     members = read_members(saved)
-    del members["index.faiss"]
+    del members["networks.safetensors"]
     write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match=r"missing member 'index\.faiss'"):
+    with pytest.raises(ModelFileError, match=r"missing member 'networks\.safetensors'"):
         reader(saved)
 
 
@@ -372,28 +495,10 @@ def test_unexpected_member(saved: Path, reader) -> None:
         reader(saved)
 
 
-@pytest.mark.parametrize("name", ["../../escape.json", "/etc/evil", "sub/../../x"])
-def test_zip_slip_names_are_refused(saved: Path, reader, name: str) -> None:
-    members = read_members(saved)
-    members[name] = b"{}"
-    write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match="escapes the archive"):
-        reader(saved)
-
-
 def test_compressed_members_are_refused(saved: Path, reader) -> None:
     # A deflated member can declare a size the archive cannot hold: a zip bomb.
     write_members(saved, read_members(saved), compression=zipfile.ZIP_DEFLATED)
-    with pytest.raises(ModelFileError, match="is compressed"):
-        reader(saved)
-
-
-def test_oversized_members_are_refused_before_reading(saved: Path, reader, monkeypatch) -> None:
-    monkeypatch.setitem(persistence._JSON_LIMITS, "metadata.json", 100)
-    monkeypatch.setattr(
-        persistence, "_read_member", lambda *a, **k: pytest.fail("a member was read")
-    )
-    with pytest.raises(ModelFileError, match=r"'metadata\.json' declares .* more than the 100"):
+    with pytest.raises(ModelFileError, match="is compressed or encrypted"):
         reader(saved)
 
 
@@ -408,28 +513,43 @@ def test_duplicate_members_are_refused(saved: Path, reader) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"", "is empty"),
-        (b"model weights, honest", "not a zip archive"),
-        (b"\x89PNG\r\n\x1a\n" + bytes(100), "not a zip archive"),
-    ],
+    "content", [b"", b"model weights, honest", b"\x89PNG\r\n\x1a\n" + bytes(100)]
 )
-def test_files_that_are_not_zip_archives(saved: Path, reader, content, message) -> None:
+def test_files_that_are_not_zip_archives(saved: Path, reader, content: bytes) -> None:
     saved.write_bytes(content)
-    with pytest.raises(ModelFileError, match=message):
+    with pytest.raises(ModelFileError, match="not a zip archive"):
         reader(saved)
+
+
+def test_a_directory_and_a_missing_file(tmp_path: Path, reader) -> None:
+    with pytest.raises(ModelFileError, match="it is a directory"):
+        reader(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        reader(tmp_path / "nothing.msc")
 
 
 def test_newer_format_version_is_refused(saved: Path, reader) -> None:
     members = read_members(saved)
-    manifest = json.loads(members["manifest.json"])
-    manifest["format_version"] = persistence.FORMAT_VERSION + 1
-    members["manifest.json"] = json.dumps(manifest).encode()
     members["extra-in-the-new-format.bin"] = b"..."
+    members["manifest.json"] = manifest_for(members, version=persistence.FORMAT_VERSION + 1)
     write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match="format 2, written by a newer msc-detector"):
+    with pytest.raises(ModelFileError, match="format 3, written by a newer msc-detector"):
         reader(saved)
+
+
+def test_the_development_format_1_is_refused_with_a_message_to_refit(saved: Path, reader) -> None:
+    members = {  # the layout of format 1
+        "manifest.json": b"",
+        "metadata.json": b"{}",
+        "arrays.safetensors": b"",
+        "index.faiss": b"IxF2",
+        "backbone.safetensors": b"",
+    }
+    members["manifest.json"] = manifest_for(members, version=1)
+    write_members(saved, members, refresh_manifest=False)
+    with pytest.raises(ModelFileError, match=r"development version .* before 0\.1\.0") as info:
+        reader(saved)
+    assert "Fit the detector again and save it" in str(info.value)
 
 
 def test_a_foreign_manifest_is_refused(saved: Path, reader) -> None:
@@ -440,59 +560,68 @@ def test_a_foreign_manifest_is_refused(saved: Path, reader) -> None:
         reader(saved)
 
 
-def test_an_index_header_that_disagrees_with_the_metadata(saved: Path, reader) -> None:
+@pytest.mark.parametrize(
+    "entry", [{"size": 1}, {"size": -1, "sha256": "0" * 64}, {"size": 1, "sha256": "A" * 64}]
+)
+def test_a_manifest_of_the_wrong_shape_is_refused(saved: Path, reader, entry: dict) -> None:
     members = read_members(saved)
-    index = bytearray(members["index.faiss"])
-    index[8:16] = struct.pack("<q", 2**40)  # ntotal: Faiss would try to allocate it
-    members["index.faiss"] = bytes(index)
-    write_members(saved, members)
-    with pytest.raises(ModelFileError, match=r"index\.faiss is not the serialised L2 index"):
+    manifest = json.loads(members["manifest.json"])
+    manifest["members"]["arrays.safetensors"] = entry
+    members["manifest.json"] = json.dumps(manifest).encode()
+    write_members(saved, members, refresh_manifest=False)
+    with pytest.raises(ModelFileError, match=r"manifest\.json\['members'\] must be"):
         reader(saved)
 
 
 def test_arrays_that_disagree_with_the_metadata(saved: Path, reader) -> None:
-    def shrink(metadata: dict) -> None:
-        metadata["fitted"]["n_train_"] = metadata["index"]["ntotal"] = 23
+    edit_metadata(saved, lambda m: m["fitted"].update(n_train_=23))
+    with pytest.raises(ModelFileError, match=r"arrays\.safetensors holds .*'train_scores_'"):
+        reader(saved)
 
-    edit_metadata(saved, shrink)
-    with pytest.raises(ModelFileError, match=r"arrays\.safetensors holds"):
+
+def test_index_vectors_of_the_wrong_width_for_the_views(saved: Path, reader) -> None:
+    edit_metadata(saved, lambda m: m["fitted"].update(nearest_view_=True))  # one view stored
+    with pytest.raises(ModelFileError, match=r"arrays\.safetensors holds .*'index_vectors'"):
+        reader(saved)
+
+
+def test_arrays_with_non_finite_values(saved: Path, reader) -> None:
+    def poison(arrays: dict) -> dict:
+        center = arrays["center_"].copy()
+        center[0] = np.nan
+        return {**arrays, "center_": center}
+
+    edit_safetensors(saved, "arrays.safetensors", poison)
+    with pytest.raises(ModelFileError, match=r"non-finite values in \['center_'\]"):
         reader(saved)
 
 
 def test_an_architecture_that_needs_a_download_is_refused(saved: Path) -> None:
     edit_metadata(saved, lambda m: m["backbone_spec"].update(architecture="hf-hub:someone/model"))
     with pytest.raises(ModelFileError, match="without downloading"):
-        MSCDetector.load(saved)
+        persistence.read(saved)
 
 
 def test_weights_that_do_not_fit_the_architecture(saved: Path) -> None:
     edit_metadata(saved, lambda m: m["backbone_spec"].update(architecture="resnet18"))
     with pytest.raises(ModelFileError, match="do not fit 'resnet18'"):
-        MSCDetector.load(saved)
+        persistence.read(saved)
 
 
-def test_files_from_before_flip_average_score_as_they_were_saved(tmp_path: Path) -> None:
-    X = np.random.default_rng(1).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
-    detector = MSCDetector(**FAST, flip_average=False, nearest_view=False).fit(X)
-    path = tmp_path / "old.msc"
-    detector.save(path)
-
-    def strip(metadata: dict) -> None:  # what a file of the first version holds
-        del metadata["params"]["flip_average"], metadata["fitted"]["flip_average_"]
-        del metadata["params"]["nearest_view"], metadata["fitted"]["nearest_view_"]
-
-    edit_metadata(path, strip)
-    loaded = MSCDetector.load(path, device="cpu")
-    assert loaded.flip_average is False and loaded.flip_average_ is False
-    assert loaded.nearest_view is False and loaded.nearest_view_ is False
-    np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
-
-
-@pytest.mark.parametrize("key", ["flip_average_", "nearest_view_"])
-def test_a_view_flag_that_is_not_a_boolean_is_refused(saved: Path, reader, key: str) -> None:
-    edit_metadata(saved, lambda m: m["fitted"].update({key: "yes"}))
-    with pytest.raises(ModelFileError, match=f"{key} must be a boolean"):
-        reader(saved)
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: {**t, "other.weight": torch.zeros(1)},
+            "keys outside backbone. and pretrained.",
+        ),
+        (lambda t: {"pretrained." + k[9:]: v for k, v in t.items()}, "do not fit"),  # no backbone
+    ],
+)
+def test_networks_with_stray_keys_or_no_backbone(saved: Path, edit, message: str) -> None:
+    edit_safetensors(saved, "networks.safetensors", edit)
+    with pytest.raises(ModelFileError, match=message):
+        persistence.read(saved)
 
 
 @pytest.fixture(scope="module")
@@ -508,43 +637,12 @@ def two_networks(tmp_path_factory) -> tuple[MSCDetector, Path, np.ndarray]:
 def test_a_nearest_view_model_round_trips(two_networks) -> None:
     detector, path, X = two_networks
     assert detector.nearest_view_ and detector.index_.dim == 2 * detector.center_.shape[0]
+    assert detector.pretrained_backbone_ is not None
+    keys = safetensors.torch.load(read_members(path)["networks.safetensors"])
+    assert any(key.startswith("pretrained.") for key in keys)
     loaded = MSCDetector.load(path, device="cpu")
     assert loaded.nearest_view_ is True and loaded.pretrained_backbone_ is not None
     np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
-
-
-def edit_networks(path: Path, edit: Callable[[dict], dict]) -> None:
-    """Change the tensors of backbone.safetensors and re-checksum."""
-    members = read_members(path)
-    tensors = safetensors.torch.load(members["backbone.safetensors"])
-    members["backbone.safetensors"] = safetensors.torch.save(edit(tensors))
-    write_members(path, members)
-
-
-def test_a_file_without_the_pretrained_network_embeds_both_views_with_one(
-    two_networks, tmp_path: Path
-) -> None:
-    detector, path, X = two_networks
-    old = tmp_path / "old.msc"  # as written before the pretrained network was kept
-    old.write_bytes(path.read_bytes())
-    edit_networks(old, lambda t: {k: v for k, v in t.items() if not k.startswith("pretrained.")})
-    loaded = MSCDetector.load(old, device="cpu")
-    assert loaded.nearest_view_ is True and loaded.pretrained_backbone_ is None
-    one_network = copy.copy(detector)
-    one_network.pretrained_backbone_ = None
-    np.testing.assert_array_equal(loaded.score_samples(X), one_network.score_samples(X))
-
-
-def test_a_pretrained_network_without_the_nearest_view_is_refused(saved: Path) -> None:
-    edit_networks(saved, lambda t: {**t, **{"pretrained." + k: v.clone() for k, v in t.items()}})
-    with pytest.raises(ModelFileError, match="holds a pretrained network"):
-        MSCDetector.load(saved, device="cpu")
-
-
-def test_an_index_of_the_wrong_width_for_the_views_is_refused(saved: Path, reader) -> None:
-    edit_metadata(saved, lambda m: m["fitted"].update(nearest_view_=True))  # index is 1 view
-    with pytest.raises(ModelFileError, match=r"twice that with fitted\.nearest_view_"):
-        reader(saved)
 
 
 def test_invalid_parameters_are_refused(saved: Path) -> None:
@@ -590,16 +688,16 @@ def test_a_torch_style_zip_with_a_pickle_inside_runs_nothing(tmp_path: Path, rea
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("member", ["backbone.safetensors", "arrays.safetensors", "index.faiss"])
+@pytest.mark.parametrize("member", ["networks.safetensors", "arrays.safetensors", "metadata.json"])
 def test_a_pickle_swapped_in_with_matching_checksums_runs_nothing(
-    saved: Path, reader, tmp_path: Path, member: str
+    saved: Path, tmp_path: Path, member: str
 ) -> None:
     marker = tmp_path / "pwned"
     members = read_members(saved)
     members[member] = malicious_pickle(marker)
     write_members(saved, members)  # checksums match: only the content gives it away
-    with pytest.raises(ModelFileError, match=member.replace(".", r"\.")):
-        reader(saved)
+    with pytest.raises(ModelFileError, match=member.replace(".", r"\.") + " is not valid"):
+        persistence.read(saved)
     assert not marker.exists()
 
 
@@ -670,8 +768,8 @@ def test_the_new_file_is_synced_before_the_rename(model, tmp_path: Path, monkeyp
 def test_other_library_versions_warn(saved: Path) -> None:
     edit_metadata(saved, lambda m: m["versions"].update(torch="1.0.0", timm="0.1.0"))
     with pytest.warns(UserWarning, match=r"torch 1\.0\.0 \(now .*timm 0\.1\.0"):
-        loaded = MSCDetector.load(saved)
-    assert loaded.n_train_ == 24
+        loaded = persistence.read(saved)
+    assert loaded.fitted["n_train_"] == 24
 
 
 def test_a_different_local_build_label_does_not_warn(saved: Path) -> None:
@@ -679,7 +777,7 @@ def test_a_different_local_build_label_does_not_warn(saved: Path) -> None:
     edit_metadata(saved, lambda m: m["versions"].update(torch=release + "+cu999"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        MSCDetector.load(saved)
+        persistence.read(saved)
 
 
 def test_a_cuda_fitted_model_lands_on_the_cpu_with_a_warning(
@@ -692,7 +790,6 @@ def test_a_cuda_fitted_model_lands_on_the_cpu_with_a_warning(
     with pytest.warns(UserWarning, match="fitted on cuda:0.*loaded on the CPU"):
         loaded = MSCDetector.load(saved)
     assert loaded.device_ == torch.device("cpu")
-    assert loaded.precision_.device_type == "cpu"
     # The precision parameter ("auto") is resolved for this CPU, as at fit time here.
     np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
 
@@ -703,7 +800,7 @@ def test_a_cuda_fitted_model_lands_on_the_cpu_with_a_warning(
 
 def test_an_unavailable_explicit_device_is_refused(saved: Path, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="CUDA is not available"):
+    with pytest.raises(ValueError, match="CUDA"):
         MSCDetector.load(saved, device="cuda")
 
 
