@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from msc_detector._version import __version__
 from msc_detector.persistence import ModelFileError, inspect
 
 if TYPE_CHECKING:
     from msc_detector.estimator import MSCDetector
-
-__version__ = "0.1.0"
 
 __all__ = ["MSCDetector", "ModelFileError", "__version__", "inspect"]
 
