@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 _CACHE_BYTES = 3 * 2**30
 # Images embedded and searched per scoring chunk: bounds memory for huge inputs.
 _SCORE_CHUNK = 4096
+_DIVERGED = (
+    "Fine-tuning diverged: the {what} became non-finite, so every image would score alike. "
+    "Lower lr or weight_decay, or use precision='fp32'. A previously fitted model is unchanged."
+)
 
 
 class MSCDetector(OutlierMixin, BaseEstimator):
@@ -85,7 +89,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         network as it was before fine-tuning, and join that embedding to the first.
         It keeps the sharp detail that smooth enlargement blurs, and doubles the
         embedding work and the index. ``"auto"``: on for small images (as above).
-    image_size : int, "auto" or None, default=None
+    image_size : int in [16, 4096], "auto" or None, default=None
         Side of the square network input. ``None``: the backbone's own (224 for
         EfficientNet-Lite0). ``"auto"``: that, or 4x the shorter side of small
         training images (a multiple of 16, at least 64), which is faster.
@@ -180,7 +184,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "flip_average": ["boolean", StrOptions({"auto"})],
         "nearest_view": ["boolean", StrOptions({"auto"})],
-        "image_size": [Interval(Integral, 16, None, closed="left"), StrOptions({"auto"}), None],
+        "image_size": [Interval(Integral, 16, 4096, closed="both"), StrOptions({"auto"}), None],
         "crop_pct": [Interval(Real, 0, 1, closed="right"), None],
         "min_crop_area": [Interval(Real, 0, 1, closed="right")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
@@ -320,7 +324,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         }
         history: list[dict[str, float]] = []
         if trains:
-            latest = {"epoch": 0, "own": own}
+            latest: dict[str, Any] = {"epoch": 0, "own": own}
 
             def on_epoch(epoch: int, loss: float) -> None:
                 latest.update(epoch=epoch, own=embed_own())
@@ -342,6 +346,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
                 compute=embedder.compute_network(network),
                 on_epoch=on_epoch if self.epoch_callback is not None else None,
             )
+            if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
+                raise FloatingPointError(_DIVERGED.format(what="network weights"))
             own = latest["own"] if latest["epoch"] == self.epochs else embed_own()
         return {**common, **self._index_state(join_views([own, *fixed])), "history_": history}
 
@@ -360,10 +366,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     def _index_state(self, embeddings: np.ndarray) -> dict[str, Any]:
         if not np.isfinite(embeddings).all():
-            raise FloatingPointError(
-                "The network produced non-finite embeddings; lower lr or weight_decay, or use "
-                "precision='fp32'."
-            )
+            raise FloatingPointError(_DIVERGED.format(what="embeddings"))
         index = KNNIndex().fit(embeddings)
         dists, _ = index.search_leave_self_out(self.n_neighbors)
         train_scores = -dists.sum(axis=1, dtype=np.float64)

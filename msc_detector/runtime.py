@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Device types whose autocast, memory formats and transfers the package supports.
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -64,6 +66,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device={device!r} is not a valid torch device string.") from exc
+    if dev.type not in _DEVICE_TYPES:
+        raise ValueError(
+            f"device={device!r}: msc-detector runs on {', '.join(_DEVICE_TYPES)} devices, not "
+            f"{dev.type!r}; use 'auto', 'cpu', 'cuda' or 'mps'."
+        )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'.")

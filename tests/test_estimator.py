@@ -128,6 +128,13 @@ def test_kneighbors_validates_n_neighbors(fitted, images) -> None:
     assert fitted.kneighbors(images[:2], return_distance=False).shape == (2, 2)
 
 
+@pytest.mark.parametrize("k", [0, -3, 2.5, 25, True])
+def test_n_neighbors_set_after_fit_is_validated_when_scoring(fitted, images, k) -> None:
+    fitted.set_params(n_neighbors=k)
+    with pytest.raises(ValueError, match=r"n_neighbors must be an integer in \[1, 24\]"):
+        fitted.score_samples(images[:2])
+
+
 def test_every_input_form_gives_the_same_scores(fitted, images, tmp_path: Path) -> None:
     queries = images[:5]
     expected = fitted.score_samples(queries)
@@ -229,6 +236,26 @@ def test_unavailable_devices_and_precisions_are_explained(images, fast_params) -
             MSCDetector(**fast_params, device="cuda").fit(images)
     with pytest.raises(ValueError, match="fp16"):
         MSCDetector(**fast_params, device="cpu", precision="fp16").fit(images)
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "hpu", "xla"])
+def test_unsupported_device_types_are_refused_up_front(images, fast_params, device) -> None:
+    with pytest.raises(ValueError, match=f"not '{device}'.*use 'auto', 'cpu', 'cuda' or 'mps'"):
+        MSCDetector(**fast_params, device=device).fit(images)
+
+
+def test_an_absurd_image_size_is_refused_naming_it(images, fast_params) -> None:
+    with pytest.raises(InvalidParameterError, match="'image_size' parameter"):
+        MSCDetector(**{**fast_params, "image_size": 10**6}).fit(images)
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e30}, {"weight_decay": 1e30}])
+def test_diverging_training_raises_and_keeps_the_fitted_model(fitted, images, change) -> None:
+    before = fitted.score_samples(images)
+    fitted.set_params(**change, batch_size=24)  # one step: the loss itself is still finite
+    with pytest.raises(FloatingPointError, match=r"diverged.*Lower lr or weight_decay"):
+        fitted.fit(images)
+    np.testing.assert_array_equal(fitted.score_samples(images), before)
 
 
 def test_scoring_before_fit_raises_not_fitted(images) -> None:
