@@ -11,6 +11,9 @@ Accepted inputs (see :func:`as_image_source`):
 Nothing the user passes is modified or copied whole: sources index into it lazily.
 Every image becomes a ``uint8`` tensor ``(3, S, S)``: grayscale is repeated to three
 channels, the shorter side is resized to ``S`` and the centre ``S x S`` is kept.
+16-bit images (PIL modes ``"I;16*"``) are scaled to 8 bits (divided by 257); 32-bit
+integer images (mode ``"I"``) are taken as 8-bit when their values lie in 0-255, as
+16-bit when in 0-65535, and refused otherwise.
 """
 
 from __future__ import annotations
@@ -100,13 +103,41 @@ class ArraySource(ImageSource):
         return list(batch)
 
 
+def _integer_to_uint8(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """Scale 16-bit (or 8-bit) integer pixels to 0-255, rounding to the nearest level.
+
+    ``sixteen_bit`` images are divided by 257 (65535 -> 255). Otherwise the bit depth is
+    unknown and the values decide: all within 0-255 stay as they are, within 0-65535
+    they are 16-bit; anything else is refused.
+    """
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi > 65535:
+        raise ValueError(
+            f"its integer pixel values span [{lo}, {hi}], which fits neither 8 nor 16 bits; "
+            "convert it to 8 or 16 bits per channel"
+        )
+    if sixteen_bit or hi > 255:
+        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return values.astype(np.uint8)
+
+
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """Decode ``image`` into a ``uint8`` tensor ``(3, H, W)``.
+
+    Integer grayscale modes are scaled to 8 bits rather than clipped, as
+    ``convert("RGB")`` would clip 16-bit values to 0 or 255: ``"I;16*"`` modes are
+    16-bit; mode ``"I"`` carries no depth, so :func:`_integer_to_uint8` applies its
+    range rule.
+    """
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I;16N" and "I"
+        gray = _integer_to_uint8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"))
+        return torch.from_numpy(gray).expand(3, -1, -1)
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class PILSource(ImageSource):
-    """A list of PIL images (any mode PIL can convert to RGB, any size)."""
+    """A list of PIL images (any mode PIL can convert to RGB or 16-bit, any size)."""
 
     def __init__(self, images: Sequence[Image.Image]) -> None:
         self.images = images
@@ -120,7 +151,13 @@ class PILSource(ImageSource):
 
     def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """Return the images at ``indices`` as ``uint8`` tensors ``(3, H, W)``."""
-        return [_pil_to_tensor(self.images[i]) for i in indices]
+        out = []
+        for i in indices:
+            try:
+                out.append(_pil_to_tensor(self.images[i]))
+            except ValueError as exc:
+                raise ValueError(f"Cannot use image {i} of X: {exc}.") from exc
+        return out
 
 
 class PathSource(ImageSource):

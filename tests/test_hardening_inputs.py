@@ -7,16 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from msc_detector import MSCDetector
+from msc_detector.data import as_image_source
+
+
+def load_all(X) -> torch.Tensor:
+    source = as_image_source(X)
+    return torch.stack(source.load(range(len(source))))
 
 
 def _png_files(folder: Path, n: int = 10, side: int = 32) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
-        from PIL import Image
-
         paths.append(folder / f"{i}.png")
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(paths[-1])
     return paths
@@ -33,3 +39,52 @@ def test_threads_scoring_file_paths_agree_with_one_thread(tmp_path: Path) -> Non
             results = list(pool.map(lambda _: detector.score_samples(paths), range(4)))
             for scores in results:
                 np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ 16-bit images
+
+
+@pytest.fixture
+def gray8() -> np.ndarray:
+    return np.random.default_rng(2).integers(0, 256, size=(12, 10), dtype=np.uint8)
+
+
+def test_16bit_png_decodes_like_its_8bit_version(gray8, tmp_path: Path) -> None:
+    # The 16-bit image is the 8-bit one scaled by 257, plus low bits an 8-bit file drops.
+    low_bits = np.random.default_rng(3).integers(0, 128, size=gray8.shape)
+    gray16 = (gray8.astype(np.uint16) * 257 + low_bits).astype(np.uint16)
+    Image.fromarray(gray8).save(tmp_path / "8.png")
+    Image.fromarray(gray16).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode == "I;16"  # what PIL reads back
+    eight, sixteen = load_all([tmp_path / "8.png", tmp_path / "16.png"])
+    assert sixteen.shape == (3, 12, 10)
+    assert int((sixteen.int() - eight.int()).abs().max()) <= 1
+    assert torch.equal(eight[0], torch.from_numpy(gray8))
+
+
+def test_16bit_pil_images_of_every_mode_are_scaled(gray8) -> None:
+    gray16 = gray8.astype(np.uint16) * 257
+    little = Image.fromarray(gray16)
+    big = Image.frombytes("I;16B", (10, 12), gray16.astype(">u2").tobytes())
+    as_int = little.convert("I")  # 32-bit ints holding 16-bit values: the range rule
+    assert (little.mode, big.mode, as_int.mode) == ("I;16", "I;16B", "I")
+    out = load_all([little, big, as_int])
+    expected = torch.from_numpy(gray8).expand(3, -1, -1)
+    for image in out:
+        assert torch.equal(image, expected)
+
+
+def test_int_images_within_8bit_range_are_taken_as_8bit(gray8) -> None:
+    as_int = Image.fromarray(gray8.astype(np.int32))
+    assert as_int.mode == "I"
+    assert torch.equal(load_all([as_int])[0], torch.from_numpy(gray8).expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("value", [-1, 70000])
+def test_int_images_outside_16bit_range_are_refused(value: int, tmp_path: Path) -> None:
+    image = Image.fromarray(np.full((8, 8), value, np.int32))
+    with pytest.raises(ValueError, match=r"image 0 of X.*8 or 16 bits"):
+        load_all([image])
+    image.save(tmp_path / "deep.tif")
+    with pytest.raises(ValueError, match=r"deep\.tif.*8 or 16 bits"):
+        load_all([tmp_path / "deep.tif"])
