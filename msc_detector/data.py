@@ -11,6 +11,7 @@ Accepted inputs (see :func:`as_image_source`):
 Nothing the user passes is modified or copied whole: sources index into it lazily.
 Every image becomes a ``uint8`` tensor ``(3, S, S)``: grayscale is repeated to three
 channels, the shorter side is resized to ``S`` and the centre ``S x S`` is kept.
+Files and PIL images are first turned upright by their EXIF orientation tag.
 16-bit images (PIL modes ``"I;16*"``) are scaled to 8 bits (divided by 257); 32-bit
 integer images (mode ``"I"``) are taken as 8-bit when their values lie in 0-255, as
 16-bit when in 0-65535, and refused otherwise.
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ArraySource",
@@ -124,11 +125,15 @@ def _integer_to_uint8(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """Decode ``image`` into a ``uint8`` tensor ``(3, H, W)``.
 
-    Integer grayscale modes are scaled to 8 bits rather than clipped, as
-    ``convert("RGB")`` would clip 16-bit values to 0 or 255: ``"I;16*"`` modes are
-    16-bit; mode ``"I"`` carries no depth, so :func:`_integer_to_uint8` applies its
-    range rule.
+    An EXIF orientation is applied first, as image viewers do (a phone photo tagged
+    "rotate 90" comes out upright), to files and PIL images alike so that both give
+    the same pixels; ``image`` itself is not changed. Integer grayscale modes are then
+    scaled to 8 bits rather than clipped, as ``convert("RGB")`` would clip 16-bit
+    values to 0 or 255: ``"I;16*"`` modes are 16-bit; mode ``"I"`` carries no depth,
+    so :func:`_integer_to_uint8` applies its range rule.
     """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)  # a turned copy, without the tag
     if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I;16N" and "I"
         gray = _integer_to_uint8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"))
         return torch.from_numpy(gray).expand(3, -1, -1)

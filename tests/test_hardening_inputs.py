@@ -88,3 +88,35 @@ def test_int_images_outside_16bit_range_are_refused(value: int, tmp_path: Path) 
     image.save(tmp_path / "deep.tif")
     with pytest.raises(ValueError, match=r"deep\.tif.*8 or 16 bits"):
         load_all([tmp_path / "deep.tif"])
+
+
+# ------------------------------------------------------------------ EXIF orientation
+
+
+def _sideways_jpeg(path: Path) -> np.ndarray:
+    """Save a 12 x 20 JPEG tagged 'rotate 90 clockwise'; return its stored pixels."""
+    stored = np.zeros((12, 20, 3), np.uint8)
+    stored[:4, :5] = (250, 20, 20)  # a red corner that tells the rotations apart
+    stored[6:, 10:] = (20, 250, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored image must be turned 90 degrees clockwise
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    with Image.open(path) as raw:
+        return np.asarray(raw.convert("RGB"))  # the pixels as stored, decoded
+
+
+def test_jpeg_exif_orientation_is_applied_to_files(tmp_path: Path) -> None:
+    raw = _sideways_jpeg(tmp_path / "phone.jpg")
+    out = load_all([tmp_path / "phone.jpg"])[0]
+    upright = np.rot90(raw, k=-1)  # clockwise
+    assert out.shape == (3, 20, 12)
+    assert torch.equal(out, torch.from_numpy(upright.copy()).permute(2, 0, 1))
+
+
+def test_exif_orientation_of_pil_images_is_applied_without_changing_them(tmp_path: Path) -> None:
+    raw = _sideways_jpeg(tmp_path / "phone.jpg")
+    image = Image.open(tmp_path / "phone.jpg")
+    out = load_all([image])[0]
+    assert torch.equal(out, torch.from_numpy(np.rot90(raw, k=-1).copy()).permute(2, 0, 1))
+    assert image.size == (20, 12) and image.getexif()[0x0112] == 6  # the input is untouched
+    assert np.array_equal(np.asarray(image.convert("RGB")), raw)
