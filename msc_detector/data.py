@@ -12,6 +12,8 @@ Nothing the user passes is modified or copied whole: sources index into it lazil
 Every image becomes a ``uint8`` tensor ``(3, S, S)``: grayscale is repeated to three
 channels, the shorter side is resized to ``S`` and the centre ``S x S`` is kept.
 Files and PIL images are first turned upright by their EXIF orientation tag.
+Files with more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's
+decompression-bomb limit) are refused with a ``ValueError`` naming them.
 16-bit images (PIL modes ``"I;16*"``) are scaled to 8 bits (divided by 257); 32-bit
 integer images (mode ``"I"``) are taken as 8-bit when their values lie in 0-255, as
 16-bit when in 0-65535, and refused otherwise.
@@ -181,7 +183,7 @@ class PathSource(ImageSource):
             try:
                 with Image.open(path) as image:  # reads the header, not the pixels
                     sides.append(min(image.size))
-            except (UnidentifiedImageError, OSError):
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
                 continue  # reported by name when the file is decoded
         return min(sides) if sides else None
 
@@ -193,6 +195,13 @@ class PathSource(ImageSource):
             try:
                 with Image.open(path) as image:
                     out.append(_pil_to_tensor(image))
+            except Image.DecompressionBombError as exc:
+                raise ValueError(
+                    f"Image file {str(path)!r} is refused as a possible decompression bomb: "
+                    f"{exc} If it is trusted, raise PIL.Image.MAX_IMAGE_PIXELS (now "
+                    f"{Image.MAX_IMAGE_PIXELS}; pixel counts over twice that are refused) "
+                    "before passing it, or resize the file."
+                ) from exc
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 raise ValueError(
                     f"Cannot read image file {str(path)!r}: {exc}. Remove it from the input "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -120,3 +122,37 @@ def test_exif_orientation_of_pil_images_is_applied_without_changing_them(tmp_pat
     assert torch.equal(out, torch.from_numpy(np.rot90(raw, k=-1).copy()).permute(2, 0, 1))
     assert image.size == (20, 12) and image.getexif()[0x0112] == 6  # the input is untouched
     assert np.array_equal(np.asarray(image.convert("RGB")), raw)
+
+
+# ------------------------------------------------------------------ decompression bombs
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """Write a PNG whose header declares ``width x height`` RGB pixels but holds none."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_value_error_naming_the_file(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 100_000, 100_000)  # 10^10 pixels, over 2x PIL's limit
+    source = as_image_source([bomb])
+    assert source.min_side() is None  # the header read does not crash
+    with pytest.raises(ValueError, match=r"bomb\.png.*MAX_IMAGE_PIXELS"):
+        source.load([0])
+
+
+def test_files_over_a_lowered_pixel_limit_are_refused(tmp_path: Path, monkeypatch) -> None:
+    paths = _png_files(tmp_path, n=3, side=32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 32 > 2 x 100
+    source = as_image_source(paths)
+    assert source.min_side() is None
+    with pytest.raises(ValueError, match=r"0\.png"):
+        source.load([0, 1])
+    with pytest.raises(ValueError, match=r"\.png"):
+        MSCDetector(weights=None, image_size=32, epochs=0, num_workers=0).fit(paths)
