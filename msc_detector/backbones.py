@@ -162,12 +162,21 @@ def resolve_architecture(name: str) -> str:
     Raises
     ------
     ValueError
-        If timm knows no such model; the message suggests close names.
+        If timm knows no such model, or no such pretrained tag (``"resnet18.<tag>"``)
+        for a known one; the message suggests close names or lists the known tags.
     """
     if name in BUNDLED_WEIGHTS:
         return BUNDLED_WEIGHTS[name][0]
-    base = name.split(".", 1)[0]
+    base, _, tag = name.partition(".")
     if timm.is_model(base):
+        # Every tag timm accepts, untrained ones included (list_pretrained omits those).
+        known = timm.list_models(f"{base}.*", include_tags=True)
+        if tag and name not in known:
+            listed = ", ".join(known) if known else "none"
+            raise ValueError(
+                f"Unknown pretrained tag {tag!r} in backbone {name!r}: timm's tags for "
+                f"{base!r} are: {listed}. Pass one of them, or {base!r} for its default."
+            )
         return name
     candidates = list(BUNDLED_WEIGHTS) + timm.list_models()
     close = difflib.get_close_matches(base, candidates, n=5, cutoff=0.6)

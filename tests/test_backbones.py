@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
 from safetensors.torch import save_file
 
+from msc_detector import MSCDetector
 from msc_detector.backbones import (
     BUNDLED_WEIGHTS,
     BackboneSpec,
@@ -33,6 +35,23 @@ def test_unknown_backbone_suggests_close_names() -> None:
         resolve_architecture("resnet512")
     with pytest.raises(ValueError, match="efficientnet_lite0"):
         resolve_architecture("efficientnet_lite")
+
+
+def test_unknown_pretrained_tag_is_a_value_error_listing_the_known_tags() -> None:
+    assert resolve_architecture("resnet18.tv_in1k") == "resnet18.tv_in1k"  # known tags pass
+    with pytest.raises(ValueError, match="evil_tag") as info:
+        resolve_architecture("resnet18.evil_tag")
+    for known in timm.list_pretrained("resnet18.*"):
+        assert known in str(info.value)
+    with pytest.raises(ValueError, match=r"evil_tag.*resnet18\.a1_in1k"):
+        create_backbone("resnet18.evil_tag", weights=None)
+
+
+def test_unknown_pretrained_tag_fails_fit_with_a_value_error() -> None:
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    detector = MSCDetector(backbone="resnet18.evil_tag", weights=None, image_size=32, epochs=0)
+    with pytest.raises(ValueError, match="evil_tag"):
+        detector.fit(images)
 
 
 def test_bundled_lite0_weights_map_in_order_onto_timm() -> None:
