@@ -292,18 +292,29 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not path.is_file():
         raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        obj: Any = load_file(str(path))
+        try:
+            obj: Any = load_file(str(path))
+        except (SafetensorError, OSError) as exc:  # bad header, truncated data
+            raise _unreadable_weights_error(path, "a safetensors file", exc) from exc
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle errors, zip errors, unsupported globals
-            raise ValueError(
-                f"Could not read weights file {str(path)!r} as a torch state dict "
-                f"(loaded with weights_only=True): {exc}"
-            ) from exc
+            raise _unreadable_weights_error(path, "a torch file", exc) from exc
     return _unwrap_state_dict(obj, path)
+
+
+def _unreadable_weights_error(path: Path, kind: str, exc: Exception) -> ValueError:
+    # What the file must be comes first: torch's own message can be long.
+    return ValueError(
+        f"Cannot read weights file {str(path)!r}: a weights file must be a safetensors file "
+        "(named *.safetensors) or a torch state dict saved with torch.save (any other name; "
+        "read with weights_only=True, so holding only tensors and plain containers). "
+        f"Reading it as {kind} failed with {type(exc).__name__}: {exc}"
+    )
 
 
 def _is_classifier_key(key: str, classifier: str) -> bool:

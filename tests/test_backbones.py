@@ -111,6 +111,39 @@ def test_unreadable_weight_files_get_clear_errors(tmp_path: Path) -> None:
         load_state_dict_file(not_state)
 
 
+GARBAGE = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("pickled.safetensors", "torch.save"),  # a torch file under the safetensors suffix
+        ("garbage.safetensors", GARBAGE),
+        ("garbage.pth", GARBAGE),
+        ("garbage.bin", GARBAGE),
+        ("garbage", GARBAGE),
+        ("empty.safetensors", b""),
+        ("empty.pt", b""),
+    ],
+)
+def test_unreadable_weight_files_say_what_a_weights_file_must_be(
+    tmp_path: Path, name: str, content: bytes | str
+) -> None:
+    path = tmp_path / name
+    if content == "torch.save":
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+    else:
+        path.write_bytes(content)
+    expected = (
+        rf"{name.replace('.', '[.]')}.*a safetensors file .*or a torch state dict saved "
+        "with torch.save"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_state_dict_file(path)
+    with pytest.raises(ValueError, match=expected):
+        create_backbone("resnet18", weights=path)
+
+
 def test_missing_auto_weights_name_the_file_to_supply(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
