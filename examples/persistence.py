@@ -6,7 +6,7 @@ Two ways to persist a fitted ``MSCDetector``:
   Convenient inside one trusted pipeline, but loading a pickle can run arbitrary code:
   never load one from a source you do not trust.
 * ``det.save(path)`` / ``MSCDetector.load(path)``: one file holding the network weights
-  (safetensors), the parameters and metadata (JSON) and the Faiss index bytes. Loading
+  and the index's vectors (safetensors) and the parameters and metadata (JSON). Loading
   it never executes code, and ``msc_detector.inspect(path)`` reads its metadata without
   loading torch. Use it for models that leave the process that made them.
 

@@ -114,7 +114,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         reference does for ResNet-152; 0 for ResNet-18/34.
     num_workers : int or None, default=None
         DataLoader processes decoding image files; ``None``: up to 4 for file
-        inputs, 0 for in-memory inputs.
+        inputs, 0 for in-memory inputs. Used only when called from the main thread;
+        other threads decode in the calling thread.
     random_state : int, RandomState instance or None, default=None
         Seeds shuffling, augmentation and (with ``weights=None``) initialisation,
         through local generators. With an int, ``fit`` on the CPU is reproducible.
