@@ -145,6 +145,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Where the initial weights came from.
     n_train_ : int
         Number of training images.
+    train_paths_ : list of str or None
+        The training image files, in the order of ``kneighbors`` indices, where
+        ``fit`` was given file paths; ``None`` otherwise.
     backbone_ : torch.nn.Module
         The fine-tuned network (read-only, from ``embedder_``).
     pretrained_backbone_ : torch.nn.Module or None
@@ -322,6 +325,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             "center_": center,
             "weights_source_": built.weights_source,
             "n_train_": len(images),
+            "train_paths_": _paths(source),
         }
         history: list[dict[str, float]] = []
         if trains:
@@ -631,6 +635,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             "history_": [dict(entry) for entry in fitted["history_"]],
             "weights_source_": str(fitted["weights_source_"]),
             "n_train_": int(fitted["n_train_"]),
+            "train_paths_": saved.train_paths,
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -730,6 +735,11 @@ def _is_small(source: ImageSource, size: int) -> bool:
 def _resolve_auto(value: bool | str, small: bool) -> bool:
     """Resolve a small-image option: as given, or on for small images under ``"auto"``."""
     return small if value == "auto" else bool(value)
+
+
+def _paths(source: ImageSource) -> list[str] | None:
+    """Return the training files' paths as strings, or ``None`` for in-memory images."""
+    return [str(path) for path in source.paths] if isinstance(source, PathSource) else None
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,6 +23,8 @@ A zip archive (``.msc`` by convention) of exactly these members, in this order, 
 ``arrays.safetensors``
     ``center_`` (float32, ``(F,)``), ``train_scores_`` (float64, ``(N,)``) and the
     vectors of the exact L2 index, ``index_vectors`` (float32, ``(N, D)``), all finite;
+    where the training images were files, also ``train_paths`` (uint8: the ``N`` paths
+    as file-system bytes, each followed by a NUL byte);
     ``F = backbone_spec.num_features``, ``N = fitted.n_train_``, ``D = F``, or ``2F``
     where ``fitted.nearest_view_``.
 ``networks.safetensors``
@@ -213,6 +215,9 @@ def encode(detector: Any) -> dict[str, bytes]:
         "train_scores_": np.ascontiguousarray(detector.train_scores_, dtype=np.float64),
         "index_vectors": np.ascontiguousarray(detector.index_.vectors(), dtype=np.float32),
     }
+    if detector.train_paths_ is not None:
+        joined = b"".join(os.fsencode(path) + b"\0" for path in detector.train_paths_)
+        arrays["train_paths"] = np.frombuffer(joined, dtype=np.uint8)
     networks = {BACKBONE: detector.backbone_, PRETRAINED: detector.pretrained_backbone_}
     tensors = {  # copies: safetensors refuses tensors that share memory (tied weights)
         prefix + key: value.detach().to("cpu", copy=True).contiguous()
@@ -271,6 +276,7 @@ class SavedModel:
     train_scores: np.ndarray
     index: KNNIndex
     fitted: dict[str, Any]
+    train_paths: list[str] | None = None
 
 
 def decode(members: Mapping[str, bytes], where: str) -> SavedModel:
@@ -320,7 +326,13 @@ def decode(members: Mapping[str, bytes], where: str) -> SavedModel:
         train_scores=arrays["train_scores_"],
         index=KNNIndex().fit(arrays["index_vectors"]),
         fitted=dict(metadata["fitted"]),
+        train_paths=_split_paths(arrays["train_paths"]) if "train_paths" in arrays else None,
     )
+
+
+def _split_paths(joined: np.ndarray) -> list[str]:
+    """Undo the NUL-terminated joining of ``train_paths`` (checked by the reader)."""
+    return [os.fsdecode(path) for path in joined.tobytes().split(b"\0")[:-1]]
 
 
 def _metadata_and_arrays(
@@ -342,6 +354,11 @@ def _metadata_and_arrays(
         "index_vectors": ("float32", (n, dim)),
     }
     found = {name: (str(array.dtype), array.shape) for name, array in arrays.items()}
+    if "train_paths" in found:
+        paths = arrays["train_paths"]
+        expected["train_paths"] = ("uint8", paths.shape)
+        if paths.ndim != 1 or paths[-1:].tolist() != [0] or np.count_nonzero(paths == 0) != n:
+            raise _error(where, f"{ARRAYS} has train_paths that do not hold {n} paths.")
     if found != expected:
         raise _error(where, f"{ARRAYS} holds {found}; the metadata implies {expected}.")
     if infinite := [name for name, array in arrays.items() if not np.isfinite(array).all()]:

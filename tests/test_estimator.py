@@ -152,6 +152,7 @@ def test_every_input_form_gives_the_same_scores(fitted, images, tmp_path: Path) 
     }
     for name, X in forms.items():
         np.testing.assert_allclose(fitted.score_samples(X), expected, rtol=1e-6, err_msg=name)
+    assert fitted.train_paths_ is None  # fitted on an array
 
 
 def test_grayscale_and_any_size_images_are_accepted(fast_params) -> None:

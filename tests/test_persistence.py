@@ -23,6 +23,7 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
+from PIL import Image
 from sklearn.exceptions import NotFittedError
 
 import msc_detector
@@ -594,6 +595,37 @@ def test_arrays_with_non_finite_values(saved: Path, reader) -> None:
     edit_safetensors(saved, "arrays.safetensors", poison)
     with pytest.raises(ModelFileError, match=r"non-finite values in \['center_'\]"):
         reader(saved)
+
+
+@pytest.fixture(scope="module")
+def fitted_on_files(tmp_path_factory) -> tuple[MSCDetector, list[str]]:
+    folder = tmp_path_factory.mktemp("train files")
+    X = np.random.default_rng(5).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    paths = [str(folder / f"näme {i}.png") for i in range(len(X))]
+    for path, image in zip(paths, X, strict=True):
+        Image.fromarray(image).save(path)
+    return MSCDetector(**FAST).fit(paths), paths
+
+
+def test_training_paths_round_trip_through_files_and_pickles(fitted_on_files, tmp_path) -> None:
+    detector, paths = fitted_on_files
+    assert detector.train_paths_ == paths
+    detector.save(tmp_path / "files.msc")
+    assert MSCDetector.load(tmp_path / "files.msc").train_paths_ == paths
+    assert pickle.loads(pickle.dumps(detector)).train_paths_ == paths
+
+
+def test_training_paths_of_the_wrong_count_are_refused(fitted_on_files, tmp_path, reader):
+    detector, _ = fitted_on_files
+    detector.save(tmp_path / "files.msc")
+
+    def drop_one(arrays: dict) -> dict:
+        joined = arrays["train_paths"].tobytes()
+        return {**arrays, "train_paths": np.frombuffer(joined.split(b"\0", 1)[1], np.uint8)}
+
+    edit_safetensors(tmp_path / "files.msc", "arrays.safetensors", drop_one)
+    with pytest.raises(ModelFileError, match="train_paths that do not hold 6 paths"):
+        reader(tmp_path / "files.msc")
 
 
 def test_an_architecture_that_needs_a_download_is_refused(saved: Path) -> None:
