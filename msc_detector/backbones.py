@@ -322,21 +322,38 @@ def _is_classifier_key(key: str, classifier: str) -> bool:
     return _module_of(key) in names
 
 
+def _covers(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``source`` has every key of ``target``, with the same shape."""
+    return all(k in source and source[k].shape == v.shape for k, v in target.items())
+
+
 def _match_state_dict(
     source: Mapping[str, torch.Tensor], model: nn.Module, classifier: str, origin: str
 ) -> dict[str, torch.Tensor]:
     """Return ``source`` renamed to ``model``'s keys.
 
     Keys that match by name and shape are used as they are (timm and torchvision
-    ResNets share names). Otherwise, when the tensors line up in order and shape --
-    as the lukemelas-style EfficientNet-Lite files do against timm's
+    ResNets share names), also where they all sit under one leading prefix
+    (``features.conv1.weight``: the network inside a larger one, whose other modules
+    are ignored). Otherwise, when the tensors line up in order and shape -- as the
+    lukemelas-style EfficientNet-Lite files do against timm's
     ``tf_efficientnet_lite*`` -- they are mapped by position. Classifier tensors are
     dropped either way.
     """
     target = model.state_dict()
     body = {k: v for k, v in source.items() if not _is_classifier_key(k, classifier)}
-    if set(target) <= set(body) and all(body[k].shape == v.shape for k, v in target.items()):
+    if _covers(body, target):
         return {k: body[k] for k in target}
+    for prefix in dict.fromkeys(k.split(".", 1)[0] + "." for k in source if "." in k):
+        # The network as a submodule of a larger one (e.g. "features." of a model with
+        # its own head): only the keys under the prefix, without it.
+        inner = {
+            k[len(prefix) :]: v
+            for k, v in source.items()
+            if k.startswith(prefix) and not _is_classifier_key(k[len(prefix) :], classifier)
+        }
+        if _covers(inner, target):
+            return {k: inner[k] for k in target}
     src_items = [(k, v) for k, v in source.items()]
     tgt_items = list(target.items())
     extra = len(src_items) - len(tgt_items)

@@ -200,3 +200,18 @@ def test_rebuild_from_spec_needs_no_weights_source() -> None:
     model = rebuild_backbone(spec, backbone.model.state_dict())
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(model(x), backbone.model.eval()(x))
+
+
+def test_weights_under_one_prefix_load_beside_a_foreign_head(tmp_path: Path) -> None:
+    """resmem's layout: a torchvision ResNet under ``features.``, its own head beside it."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().eval()
+    state = {f"features.{k}": v for k, v in tv.state_dict().items()}
+    state["conv1.weight"] = torch.randn(48, 3, 11, 11)  # the head's own names collide
+    state["fc6.weight"] = torch.randn(10, 4)
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+    backbone = create_backbone("resnet18", weights=path)
+    tv.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(backbone.model(x), tv(x))
