@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import http.server
 import os
+import subprocess
+import sys
+import threading
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +18,20 @@ import pytest
 import timm
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from msc_detector import MSCDetector
+from msc_detector import MSCDetector, backbones
 from msc_detector.backbones import (
     BUNDLED_WEIGHTS,
     BackboneSpec,
+    PreprocessConfig,
     create_backbone,
     default_frozen_stages,
     freeze_stages,
     load_state_dict_file,
     rebuild_backbone,
     resolve_architecture,
+    resolve_preprocess,
 )
 
 
@@ -148,12 +158,14 @@ def test_missing_auto_weights_name_the_file_to_supply(tmp_path: Path, monkeypatc
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # else "auto" would try to download
     with pytest.raises(FileNotFoundError) as info:
         create_backbone("resnet18")
     message = str(info.value)
     assert "weights='/path/to/resnet18.pth'" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
     assert "timm/resnet18" in message
+    assert "HF_HUB_OFFLINE is set" in message
 
 
 def test_auto_weights_come_from_the_torch_hub_cache(tmp_path: Path, monkeypatch) -> None:
@@ -202,6 +214,192 @@ def test_rebuild_from_spec_needs_no_weights_source() -> None:
     torch.testing.assert_close(model(x), backbone.model.eval()(x))
 
 
+# ------------------------------------------------ weights="auto" downloads through timm
+
+# The tiny timm test architecture served by the loopback hub, and its Hugging Face repo.
+TINY = "test_resnet"
+TINY_REPO = timm.create_model(TINY, pretrained=False).pretrained_cfg["hf_hub_id"]
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """Answers as the Hugging Face Hub does for ``/<repo>/resolve/<revision>/<file>``."""
+
+    server: _LoopbackHub
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        self.server.requests.append(f"{self.command} {path}")
+        data = self.server.files.get(path)
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("X-Repo-Commit", "0123456789abcdef" * 2 + "01234567")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _LoopbackHub(http.server.ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 only, serving ``files`` (URL path -> bytes)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.files = files
+        self.requests: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@contextlib.contextmanager
+def loopback_hub(files: dict[str, bytes], seconds: float = 300.0) -> Iterator[_LoopbackHub]:
+    """Serve ``files`` until the block ends, or ``seconds`` pass, whichever is first."""
+    server = _LoopbackHub(files)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    stop = threading.Timer(seconds, server.shutdown)
+    stop.daemon = True
+    thread.start()
+    stop.start()
+    try:
+        yield server
+    finally:
+        stop.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def hub_env(tmp_path: Path, endpoint: str, offline: bool = False) -> dict[str, str]:
+    """Environment of a process whose Hugging Face Hub is ``endpoint``, caches in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TORCH_HOME"))}
+    env.update(
+        HF_ENDPOINT=endpoint,  # read when huggingface_hub is imported: hence a subprocess
+        HF_HOME=str(tmp_path / "hf"),
+        TORCH_HOME=str(tmp_path / "torch"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_ETAG_TIMEOUT="5",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+    )
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+CREATE_AUTO = """
+import sys
+from safetensors.torch import save_file
+from msc_detector.backbones import create_backbone
+try:
+    backbone = create_backbone({name!r})
+except FileNotFoundError as exc:
+    print(exc)
+    sys.exit(3)
+save_file(backbone.model.state_dict(), {out!r})
+print(backbone.weights_source)
+"""
+
+
+def create_in_subprocess(env: dict[str, str], out: Path) -> subprocess.CompletedProcess[str]:
+    code = CREATE_AUTO.format(name=TINY, out=str(out))
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
+    )
+
+
+@pytest.fixture(scope="module")
+def hub_weights(tmp_path_factory) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The tiny model's full state dict (classifier included), as the hub would serve it."""
+    torch.manual_seed(7)
+    state = {k: v.contiguous() for k, v in timm.create_model(TINY).state_dict().items()}
+    path = tmp_path_factory.mktemp("hub") / "model.safetensors"
+    save_file(state, str(path))
+    return path.read_bytes(), state
+
+
+def test_auto_weights_download_through_the_hub_then_come_from_the_cache(
+    tmp_path: Path, hub_weights
+) -> None:
+    data, state = hub_weights
+    files = {f"/{TINY_REPO}/resolve/main/model.safetensors": data}
+    out = tmp_path / "loaded.safetensors"
+    with loopback_hub(files) as hub:
+        done = create_in_subprocess(hub_env(tmp_path, hub.url), out)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.strip().splitlines()[-1] == f"hf-hub:{TINY_REPO}"
+        assert any(r.startswith("GET ") and r.endswith("model.safetensors") for r in hub.requests)
+    loaded = load_file(str(out))
+    assert set(loaded) == {k for k in state if not k.startswith("fc.")}  # headless
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+    # The hub is gone and the process is offline: the download is found in the local cache.
+    out.unlink()
+    again = create_in_subprocess(hub_env(tmp_path, hub.url, offline=True), out)
+    assert again.returncode == 0, again.stdout + again.stderr
+    source = again.stdout.strip().splitlines()[-1]
+    assert source.startswith(str(tmp_path / "hf")) and source.endswith("model.safetensors")
+    assert all(torch.equal(v, state[k]) for k, v in load_file(str(out)).items())
+
+
+def test_offline_auto_weights_name_the_file_and_download_nothing(tmp_path: Path) -> None:
+    with loopback_hub({}) as hub:
+        done = create_in_subprocess(hub_env(tmp_path, hub.url, offline=True), tmp_path / "x")
+        assert hub.requests == []
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "HF_HUB_OFFLINE is set" in done.stdout
+    assert f"weights='/path/to/{TINY}.pth'" in done.stdout and TINY_REPO in done.stdout
+
+
+@pytest.mark.slow  # huggingface_hub retries refused connections for about 45 seconds
+def test_an_unreachable_hub_gives_the_error_naming_the_file(tmp_path: Path) -> None:
+    with loopback_hub({}) as hub:  # a port that was just closed: connections are refused
+        endpoint = hub.url
+    done = create_in_subprocess(hub_env(tmp_path, endpoint), tmp_path / "x")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"downloading them from hf-hub:{TINY_REPO} failed" in done.stdout
+    assert f"weights='/path/to/{TINY}.pth'" in done.stdout
+
+
+def test_a_hub_without_the_file_gives_the_error_naming_the_file(tmp_path: Path) -> None:
+    with loopback_hub({}) as hub:  # answers 404 to everything
+        done = create_in_subprocess(hub_env(tmp_path, hub.url), tmp_path / "x")
+        assert hub.requests
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "failed" in done.stdout and f"weights='/path/to/{TINY}.pth'" in done.stdout
+
+
+def test_offline_set_after_import_is_honoured(monkeypatch) -> None:
+    model = timm.create_model(TINY, pretrained=False, num_classes=0)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded although HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(backbones.timm, "create_model", no_download)
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+        backbones._download_pretrained(TINY, TINY, model, {})
+
+
+# ------------------------------------------------------ weights under a leading prefix
+
+
 def test_weights_under_one_prefix_load_beside_a_foreign_head(tmp_path: Path) -> None:
     """resmem's layout: a torchvision ResNet under ``features.``, its own head beside it."""
     torch.manual_seed(0)
@@ -215,3 +413,129 @@ def test_weights_under_one_prefix_load_beside_a_foreign_head(tmp_path: Path) -> 
     tv.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(backbone.model(x), tv(x))
+
+
+# ----------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_overrides_the_backbones_own_in_part() -> None:
+    own = create_backbone("resnet18", weights=None).spec.preprocess
+    spec = create_backbone(
+        "resnet18", weights=None, preprocess={"mean": (0, 0, 0), "std": [1, 1, 1]}
+    ).spec
+    assert spec.preprocess == PreprocessConfig(
+        own.input_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), own.interpolation, own.crop_pct
+    )
+    whole = PreprocessConfig(64, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bilinear", 1.0)
+    assert resolve_preprocess(whole, own) == whole
+    assert resolve_preprocess(None, own) == own
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"mean": (0, 0, 0), "sdt": (1, 1, 1)}, r"unknown keys \['sdt'\]"),
+        ({"std": (1, 0, 1)}, "std must be 3 positive numbers"),
+        ({"mean": (0, 0)}, "mean must be 3 finite numbers"),
+        ({"mean": (0, float("nan"), 0)}, "mean must be 3 finite numbers"),
+        ({"mean": "0.5"}, "mean must be 3"),
+        ({"input_size": 8}, r"input_size must be an int in \[16, 4096\]"),
+        ({"input_size": 224.0}, "input_size must be an int"),
+        ({"interpolation": "lanczos"}, "interpolation must be one of"),
+        ({"crop_pct": 0}, r"crop_pct must be a number in \(0, 1\]"),
+    ],
+)
+def test_invalid_preprocess_is_refused_naming_the_key(override, message) -> None:
+    own = PreprocessConfig(224, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
+    with pytest.raises(ValueError, match=message):
+        resolve_preprocess(override, own)
+
+
+# ------------------------------------------------------------------- module backbones
+
+
+def small_module() -> torch.nn.Module:
+    """A headless network of torch's own layers (picklable anywhere), with a BatchNorm."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+
+
+MODULE_PRE = {"input_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def test_a_module_backbone_is_copied_and_measured() -> None:
+    module = small_module().train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    backbone = create_backbone(module, preprocess=MODULE_PRE)
+    assert backbone.model is not module and not backbone.model.training
+    assert module.training  # the user's module is left as it was
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    spec = backbone.spec
+    assert spec.num_features == 12 and spec.is_module and spec.frozen_stages == 0
+    assert spec.architecture == "module:torch.nn.modules.container.Sequential"
+    assert spec.preprocess == PreprocessConfig(32, (0.5,) * 3, (0.25,) * 3, "bilinear", 0.875)
+    assert backbone.weights_source == spec.architecture
+    assert BackboneSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        rebuild_backbone(spec, backbone.model.state_dict())
+
+
+def test_a_module_backbone_keeps_parameters_its_owner_froze() -> None:
+    module = small_module()
+    module[0].requires_grad_(False)
+    model = create_backbone(module, preprocess=MODULE_PRE).model
+    assert [p.requires_grad for p in model.parameters()] == [
+        p.requires_grad for p in module.parameters()
+    ]
+
+
+def test_a_module_backbone_needs_its_preprocessing() -> None:
+    with pytest.raises(ValueError, match="missing: input_size, mean, std"):
+        create_backbone(small_module())
+    with pytest.raises(ValueError, match="missing: std"):
+        create_backbone(small_module(), preprocess={"input_size": 32, "mean": (0, 0, 0)})
+
+
+def test_a_module_backbone_takes_only_its_own_weights(tmp_path: Path) -> None:
+    for weights in (None, tmp_path / "w.pth"):
+        with pytest.raises(ValueError, match="brings its own weights, so weights must be 'auto'"):
+            create_backbone(small_module(), weights=weights, preprocess=MODULE_PRE)
+
+
+def test_a_module_without_feature_info_freezes_no_stages() -> None:
+    spec = create_backbone(small_module(), frozen_stages=0, preprocess=MODULE_PRE).spec
+    assert spec.frozen_stages == 0
+    with pytest.raises(ValueError, match=r"frozen_stages=2 needs the stages.*feature_info"):
+        create_backbone(small_module(), frozen_stages=2, preprocess=MODULE_PRE)
+
+
+def test_a_timm_module_with_feature_info_can_freeze_stages() -> None:
+    module = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    backbone = create_backbone(
+        module, frozen_stages=3, preprocess={"input_size": 64, "mean": (0,) * 3, "std": (1,) * 3}
+    )
+    frozen = {n.split(".")[0] for n, p in backbone.model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1", "layer2"}
+    assert all(p.requires_grad for p in module.parameters())  # the given module is not touched
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (
+            torch.nn.Conv2d(3, 4, 3),
+            r"must map \(n, 3, H, W\) images to \(n, d\).*\(2, 4, 30, 30\)",
+        ),
+        (torch.nn.Linear(5, 4), r"failed on a batch of shape \(2, 3, 32, 32\): RuntimeError"),
+    ],
+)
+def test_a_module_that_is_not_headless_is_refused(module, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_backbone(module, preprocess=MODULE_PRE)
