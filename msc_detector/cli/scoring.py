@@ -1,0 +1,153 @@
+"""Score image files in chunks with a fitted detector, a file that cannot be read in its row.
+
+The detector raises one ``ValueError`` for a whole batch when one file in it cannot be
+decoded. Here every file is first checked cheaply (it exists, and PIL can identify and
+verify it); the rest are scored a chunk at a time, and where a chunk still fails (a file
+that passes the check but does not decode, such as a truncated JPEG), its files are
+scored one by one so that only the bad one gets an error. Only one chunk of images and
+embeddings is held at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["Chunk", "check_readable", "score_files"]
+
+#: Files embedded per chunk: bounds memory, and is how often rows are written.
+CHUNK_SIZE = 256
+
+
+@dataclass
+class Chunk:
+    """Scores of consecutive files; the arrays hold NaN and -1 where ``errors`` has a message.
+
+    Attributes
+    ----------
+    paths : list of str
+    scores : ndarray of shape (n,), float64
+        ``score_samples`` of each file: higher is more normal.
+    neighbors : ndarray of shape (n, k), int64
+        Positions in the training set of the nearest training images, nearest first.
+    distances : ndarray of shape (n, k), float32
+        Euclidean distances between embeddings, as ``kneighbors`` returns them.
+    errors : list of str or None
+        Why a file could not be scored, else ``None``.
+    """
+
+    paths: list[str]
+    scores: np.ndarray
+    neighbors: np.ndarray
+    distances: np.ndarray
+    errors: list[str | None]
+
+
+def check_readable(path: str) -> str | None:
+    """Return why PIL cannot read the image file ``path``, or ``None`` if it looks readable.
+
+    Reads the header and, for formats with checksums (PNG), verifies the data; it does
+    not decode the pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the detector decides
+            with Image.open(path) as image:
+                image.verify()
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "is a folder, not an image file"
+    except Image.DecompressionBombError as exc:
+        return f"refused as a possible decompression bomb: {exc}"
+    except Exception as exc:  # PIL raises many types for damaged files, SyntaxError among them
+        return f"cannot read the image: {exc}"
+    return None
+
+
+def _embed_and_search(
+    detector: Any, paths: Sequence[str], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, neighbour positions and distances of ``paths``, embedding each file once.
+
+    ``score_samples`` sums the squared distances to the ``n_neighbors`` nearest training
+    embeddings; one search for ``max(k, n_neighbors)`` neighbours gives those and the
+    neighbours to list, with the same arithmetic, so the scores equal ``score_samples``.
+    """
+    n_score = int(detector.n_neighbors)
+    embeddings = detector.transform(list(paths))
+    squared, indices = detector.index_.search(embeddings, max(k, n_score))
+    scores = -squared[:, :n_score].sum(axis=1, dtype=np.float64)
+    distances = np.sqrt(np.maximum(squared[:, :k], 0.0))
+    return scores, indices[:, :k], distances
+
+
+def _score_chunk(detector: Any, paths: Sequence[str], k: int) -> Chunk:
+    n = len(paths)
+    chunk = Chunk(
+        list(paths),
+        np.full(n, np.nan),
+        np.full((n, k), -1, np.int64),
+        np.full((n, k), np.nan, np.float32),
+        [check_readable(path) for path in paths],
+    )
+    todo = [i for i, error in enumerate(chunk.errors) if error is None]
+    if not todo:
+        return chunk
+    try:
+        results = [(todo, _embed_and_search(detector, [paths[i] for i in todo], k))]
+    except ValueError:  # a file that passed the check does not decode: find it
+        results = []
+        for i in todo:
+            try:
+                results.append(([i], _embed_and_search(detector, [paths[i]], k)))
+            except ValueError as exc:
+                chunk.errors[i] = str(exc)
+    for rows, (scores, neighbors, distances) in results:
+        chunk.scores[rows] = scores
+        chunk.neighbors[rows] = neighbors
+        chunk.distances[rows] = distances
+    return chunk
+
+
+def score_files(
+    detector: Any,
+    paths: Sequence[str],
+    n_neighbors: int,
+    chunk_size: int = CHUNK_SIZE,
+    progress: bool = True,
+) -> Iterator[Chunk]:
+    """Score image files a chunk at a time, in order.
+
+    Parameters
+    ----------
+    detector : MSCDetector
+        A fitted detector.
+    paths : sequence of str
+        Image files; missing and unreadable ones get an error instead of a score.
+    n_neighbors : int
+        Nearest training images to return per file (at most the training set size).
+    chunk_size : int, default=256
+        Files embedded at a time.
+    progress : bool, default=True
+        Show a progress bar over the files on stderr.
+
+    Yields
+    ------
+    Chunk
+        The results of up to ``chunk_size`` consecutive files.
+    """
+    from tqdm.auto import tqdm
+
+    k = min(int(n_neighbors), int(detector.n_train_))
+    step = max(int(chunk_size), 1)
+    with tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), step):
+            part = paths[start : start + step]
+            yield _score_chunk(detector, part, k)
+            bar.update(len(part))
