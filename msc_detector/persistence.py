@@ -4,6 +4,11 @@
 <msc_detector.MSCDetector.load>` write and read the file described here; pickling a
 detector uses the same :func:`encode` and :func:`decode`, without the archive. Tensors
 are safetensors, the rest is JSON: nothing is unpickled, evaluated or imported.
+
+A detector whose backbone was given as a ``torch.nn.Module`` has no model file: the
+file rebuilds networks from their timm architecture name and holds no code, so
+:func:`save` refuses it. Its pickles hold the same members but ``networks.safetensors``,
+and the pickled modules themselves instead.
 :func:`inspect` verifies a file without importing torch, timm or Faiss.
 
 .. rubric:: File format, version 2
@@ -17,7 +22,8 @@ A zip archive (``.msc`` by convention) of exactly these members, in this order, 
 ``metadata.json`` (at most 16 MiB)
     A JSON object with exactly the keys of :data:`METADATA_SCHEMA`: ``estimator`` (never
     imported), ``created`` (UTC, ISO 8601), ``versions`` (of the libraries at saving),
-    ``params`` (``get_params(deep=False)``, with ``null`` for what JSON cannot hold),
+    ``params`` (``get_params(deep=False)``, with ``null`` for what JSON cannot hold;
+    ``preprocess`` may be an object of its fields),
     ``backbone_spec`` (:meth:`BackboneSpec.to_dict
     <msc_detector.backbones.BackboneSpec.to_dict>`) and ``fitted`` (:data:`FITTED`).
 ``arrays.safetensors``
@@ -133,6 +139,14 @@ _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d{1,4})?")
 _SHA256 = re.compile("[0-9a-f]{64}")
 _HISTORY_ENTRY = _mapping(_is(*_NUMBER))
 _POSITIVE = _is(int, test=lambda v: v > 0)
+_SCALAR = _is(type(None), bool, *_NUMBER, str)
+_NUMBERS = _is(list, test=lambda items: len(items) <= 16 and all(map(_is(*_NUMBER), items)))
+_NOT_SAVED = (
+    "A detector whose backbone is a torch.nn.Module ({kind}) cannot be saved as a model "
+    "file: a model file rebuilds its network from a timm architecture name and holds no "
+    "code. Pickle it with joblib.dump(detector, path) instead, and load it with joblib.load "
+    "only where you trust the file (unpickling can run code)."
+)
 
 #: The fitted scalars, ``metadata.json["fitted"]``: one entry per detector attribute.
 FITTED: dict[str, Field] = {
@@ -159,8 +173,9 @@ METADATA_SCHEMA: dict[str, Field] = {
     "created": Field(_is(str), "a string"),
     "versions": Field(_mapping(_is(str)), "an object of strings"),
     "params": Field(
-        _mapping(_is(type(None), bool, *_NUMBER, str)),
-        "an object of nulls, booleans, numbers and strings",
+        _mapping(lambda v: _SCALAR(v) or _mapping(lambda f: _SCALAR(f) or _NUMBERS(f))(v)),
+        "an object of nulls, booleans, numbers, strings and objects of those or of arrays of "
+        "numbers",
     ),
     "backbone_spec": Field(
         _is(dict, test=lambda v: _POSITIVE(v.get("num_features"))),
@@ -192,11 +207,13 @@ def _check(where: object, label: str, value: Any, schema: Mapping[str, Field]) -
 # ------------------------------------------------------------------------ encoding
 
 
-def encode(detector: Any) -> dict[str, bytes]:
+def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
     """Serialise a fitted detector into the payload members, for a file or a pickle.
 
-    Returns ``metadata.json``, ``arrays.safetensors`` and ``networks.safetensors`` by
-    name. Parameters JSON cannot hold are written as ``null`` (:func:`save` warns).
+    Returns ``metadata.json``, ``arrays.safetensors`` and, with ``networks``,
+    ``networks.safetensors`` by name. Parameters JSON cannot hold are written as
+    ``null`` (:func:`save` warns). Without ``networks`` the caller keeps the networks
+    (a pickle of a module backbone); with them, a module backbone is refused.
     """
     import numpy as np
     from safetensors.numpy import save as save_arrays
@@ -218,33 +235,66 @@ def encode(detector: Any) -> dict[str, bytes]:
     if detector.train_paths_ is not None:
         joined = b"".join(os.fsencode(path) + b"\0" for path in detector.train_paths_)
         arrays["train_paths"] = np.frombuffer(joined, dtype=np.uint8)
-    networks = {BACKBONE: detector.backbone_, PRETRAINED: detector.pretrained_backbone_}
+    payload = {  # default=: numpy scalars creep into history_
+        METADATA: json.dumps(metadata, indent=2, default=lambda v: v.item()).encode(),
+        ARRAYS: save_arrays(arrays),
+    }
+    if not networks:
+        return payload
+    spec = detector.backbone_spec_
+    if spec.is_module:
+        raise ValueError(_NOT_SAVED.format(kind=spec.architecture.split(":", 1)[1]))
+    nets = {BACKBONE: detector.backbone_, PRETRAINED: detector.pretrained_backbone_}
     tensors = {  # copies: safetensors refuses tensors that share memory (tied weights)
         prefix + key: value.detach().to("cpu", copy=True).contiguous()
-        for prefix, network in networks.items()
+        for prefix, network in nets.items()
         if network is not None
         for key, value in network.state_dict().items()
     }
-    return {  # default=: numpy scalars creep into history_
-        METADATA: json.dumps(metadata, indent=2, default=lambda v: v.item()).encode(),
-        ARRAYS: save_arrays(arrays),
-        NETWORKS: save_tensors(tensors),
-    }
+    return {**payload, NETWORKS: save_tensors(tensors)}
 
 
 def _json_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Encode estimator parameters for JSON; return them and the names set to None."""
-    import numpy as np
-    import torch
+    """Encode estimator parameters for JSON; return them and the names set to None.
+
+    Scalars, paths and devices are kept; so is a flat mapping of those or of sequences
+    of numbers (``preprocess``, a dict or a ``PreprocessConfig``). Anything else, and a
+    mapping holding anything else, is ``None``.
+    """
+    import dataclasses
 
     out: dict[str, Any] = {}
     for name, value in params.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, os.PathLike | torch.device):
-            value = str(os.fspath(value) if isinstance(value, os.PathLike) else value)
-        out[name] = value if isinstance(value, None | bool | int | float | str) else None
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping):
+            encoded = {key: _json_value(item) for key, item in value.items()}
+            whole = all(
+                isinstance(key, str) and (encoded[key] is not None or item is None)
+                for key, item in value.items()
+            )
+            out[name] = encoded if whole else None
+        else:
+            out[name] = _json_value(value)
     return out, [name for name, value in params.items() if out[name] is None and value is not None]
+
+
+def _json_value(value: Any) -> Any:
+    """Return a JSON scalar (or a list of numbers) for ``value``, or ``None`` for none."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, os.PathLike | torch.device):
+        return str(os.fspath(value) if isinstance(value, os.PathLike) else value)
+    if isinstance(value, None | bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple | np.ndarray) and len(value) <= 16:
+        items = [v.item() if isinstance(v, np.generic) else v for v in value]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+            return items
+    return None
 
 
 def _running_versions() -> dict[str, str]:
@@ -279,10 +329,16 @@ class SavedModel:
     train_paths: list[str] | None = None
 
 
-def decode(members: Mapping[str, bytes], where: str) -> SavedModel:
+def decode(
+    members: Mapping[str, bytes],
+    where: str,
+    networks: tuple[nn.Module, nn.Module | None] | None = None,
+) -> SavedModel:
     """Validate and parse the members written by :func:`encode`.
 
-    ``where`` names their source in messages (a path, or ``"pickle"``). Raises
+    ``where`` names their source in messages (a path, or ``"pickle"``). ``networks``:
+    the fine-tuned and pretrained networks where the members hold none (the pickle of a
+    module backbone); otherwise they are rebuilt from ``networks.safetensors``. Raises
     :class:`ModelFileError` for anything invalid; warns when msc-detector, torch, timm,
     faiss or scikit-learn differ from the versions that wrote them.
     """
@@ -290,9 +346,9 @@ def decode(members: Mapping[str, bytes], where: str) -> SavedModel:
     from safetensors.torch import load as load_tensors
 
     from msc_detector.backbones import BackboneSpec, rebuild_backbone
-    from msc_detector.index import KNNIndex
 
-    if missing := [name for name in PAYLOAD if name not in members]:
+    needed = PAYLOAD if networks is None else (METADATA, ARRAYS)
+    if missing := [name for name in needed if name not in members]:
         raise _error(where, f"missing member {missing[0]!r}.")
     metadata, arrays = _metadata_and_arrays(where, members)
     _warn_on_version_change(where, metadata["versions"])
@@ -300,6 +356,8 @@ def decode(members: Mapping[str, bytes], where: str) -> SavedModel:
         spec = BackboneSpec.from_dict(metadata["backbone_spec"])
     except (KeyError, TypeError, ValueError) as exc:
         raise _error(where, f"{METADATA} has an invalid backbone_spec ({exc!r}).") from exc
+    if networks is not None:
+        return _saved_model(metadata, arrays, spec, *networks)
     if ":" in spec.architecture or not timm.is_model(spec.architecture):  # e.g. "hf-hub:..."
         raise _error(where, f"timm has no {spec.architecture!r} without downloading.")
     tensors = _parse(where, NETWORKS, members[NETWORKS], load_tensors)
@@ -317,8 +375,27 @@ def decode(members: Mapping[str, bytes], where: str) -> SavedModel:
         raise _error(where, problem) from exc
     if getattr(backbone, "num_features", None) != spec.num_features:
         raise _error(where, f"{spec.architecture!r} does not have {spec.num_features} features.")
+    return _saved_model(metadata, arrays, spec, backbone, pretrained)
+
+
+def _saved_model(
+    metadata: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    spec: BackboneSpec,
+    backbone: nn.Module,
+    pretrained: nn.Module | None,
+) -> SavedModel:
+    """Assemble a :class:`SavedModel` from checked members and networks."""
+    from msc_detector.index import KNNIndex
+
+    params = {  # JSON arrays come back as the tuples they were (preprocess' mean and std)
+        name: {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        if isinstance(value, dict)
+        else value
+        for name, value in metadata["params"].items()
+    }
     return SavedModel(
-        params=dict(metadata["params"]),
+        params=params,
         backbone_spec=spec,
         backbone=backbone,
         pretrained_backbone=pretrained,
@@ -400,8 +477,12 @@ def save(detector: Any, path: str | os.PathLike[str]) -> None:
     """Write a fitted detector to ``path`` atomically, in the format described above.
 
     Warns (``UserWarning``) when parameters JSON cannot hold (``epoch_callback``, a
-    ``RandomState`` as ``random_state``) are dropped: they load as ``None``.
+    ``RandomState`` as ``random_state``) are dropped: they load as ``None``. Refuses,
+    with a ``ValueError`` that names joblib, a detector whose backbone is a module.
     """
+    spec = detector.backbone_spec_
+    if spec.is_module:
+        raise ValueError(_NOT_SAVED.format(kind=spec.architecture.split(":", 1)[1]))
     if dropped := _json_params(detector.get_params(deep=False))[1]:
         message = f"{', '.join(dropped)} cannot be stored in a model file: saved as None"
         warnings.warn(f"{message} (only fit uses it).", UserWarning, stacklevel=3)

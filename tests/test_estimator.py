@@ -664,3 +664,154 @@ def test_a_pickle_and_a_model_file_land_by_the_same_rule(fitted, images, tmp_pat
     np.testing.assert_array_equal(loaded.score_samples(images), unpickled.score_samples(images))
     with pytest.raises(ValueError, match="CUDA is not available"):
         MSCDetector.load(tmp_path / "cuda.msc", device="cuda")
+
+
+# ------------------------------------------------------------ module backbones
+
+
+def small_module() -> torch.nn.Module:
+    """A headless network of torch's own layers (so it unpickles anywhere)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+
+
+MODULE_PRE = {"input_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+@pytest.fixture
+def module_params(fast_params) -> dict:
+    params = {k: v for k, v in fast_params.items() if k != "weights"}
+    return {**params, "backbone": small_module(), "preprocess": dict(MODULE_PRE), "lr": 0.1}
+
+
+@pytest.fixture
+def module_fitted(images, module_params) -> MSCDetector:
+    return MSCDetector(**module_params).fit(images)
+
+
+def test_a_module_backbone_fits_scores_and_trains_a_copy(images, module_params) -> None:
+    module = module_params["backbone"]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    det = MSCDetector(**module_params).fit(images)
+    assert det.backbone is module  # fit never replaces or changes a parameter
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert det.backbone_ is not module
+    trained = det.backbone_.state_dict()
+    assert not torch.equal(trained["3.weight"], before["3.weight"])  # fine-tuning moved it
+    assert det.weights_source_ == "module:torch.nn.modules.container.Sequential"
+    assert det.backbone_spec_.num_features == 16 and det.transform(images).shape == (24, 16)
+    scores = det.score_samples(images)
+    assert scores.shape == (24,) and np.isfinite(scores).all()
+    np.testing.assert_array_equal(det.predict(images), np.where(scores < det.offset_, -1, 1))
+
+
+def test_a_module_backbone_is_folded_where_it_can_be(module_fitted) -> None:
+    network = module_fitted.backbone_
+    assert module_fitted.embedder_.compute_network(network) is not network  # conv + BN folded
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+    plain.append(torch.nn.Flatten())
+    det = MSCDetector(plain, preprocess=MODULE_PRE, image_size=32, epochs=0, random_state=0)
+    det.fit(np.zeros((4, 32, 32, 3), np.uint8))
+    assert det.embedder_.compute_network(det.backbone_) is det.backbone_  # nothing to fold
+
+
+def test_a_module_backbone_is_fitted_alike_by_clones(images, module_fitted) -> None:
+    copy_ = clone(module_fitted)
+    assert copy_.backbone is not module_fitted.backbone  # clone deep-copies the module
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            copy_.backbone.state_dict().values(),
+            module_fitted.backbone.state_dict().values(),
+            strict=True,
+        )
+    )
+    assert copy_.preprocess == module_fitted.preprocess and not hasattr(copy_, "offset_")
+    np.testing.assert_array_equal(
+        copy_.fit(images).score_samples(images), module_fitted.score_samples(images)
+    )
+
+
+def test_grid_search_with_a_module_backbone(blob_images, module_params) -> None:
+    normal, anomalies = blob_images
+    X = np.concatenate([normal, anomalies])
+    y = np.r_[np.ones(len(normal), int), np.zeros(len(anomalies), int)]
+    search = GridSearchCV(
+        MSCDetector(**{**module_params, "epochs": 0}),
+        {"n_neighbors": [1, 3]},
+        cv=NormalOnlyFolds(2),
+        scoring="roc_auc",
+        error_score="raise",
+    ).fit(X, y)
+    assert search.best_estimator_.backbone_spec_.is_module
+    assert search.best_estimator_.n_train_ == len(X)
+
+
+def test_a_module_detector_pickles_with_equal_scores(module_fitted, images, tmp_path) -> None:
+    restored = pickle.loads(pickle.dumps(module_fitted))
+    scores = module_fitted.score_samples(images)
+    np.testing.assert_array_equal(restored.score_samples(images), scores)
+    assert restored.backbone_spec_ == module_fitted.backbone_spec_
+    assert restored.weights_source_ == module_fitted.weights_source_
+    assert [p.requires_grad for p in restored.backbone_.parameters()] == [
+        p.requires_grad for p in module_fitted.backbone_.parameters()
+    ]
+    model, data, out = tmp_path / "det.joblib", tmp_path / "x.npy", tmp_path / "s.npy"
+    joblib.dump(module_fitted, model)
+    np.save(data, images)
+    code = textwrap.dedent(f"""
+        import joblib, numpy as np
+        det = joblib.load({str(model)!r})
+        np.save({str(out)!r}, det.score_samples(np.load({str(data)!r})))
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    np.testing.assert_array_equal(np.load(out), scores)
+
+
+def test_a_module_detector_with_a_nearest_view_pickles_both_networks(module_params) -> None:
+    small = np.random.default_rng(0).integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8)
+    det = MSCDetector(**module_params).fit(small)
+    assert det.nearest_view_ and det.pretrained_backbone_ is not None
+    restored = pickle.loads(pickle.dumps(det))
+    assert restored.pretrained_backbone_ is not None
+    np.testing.assert_array_equal(restored.score_samples(small), det.score_samples(small))
+
+
+def test_preprocess_replaces_a_named_backbones_own(images, fast_params) -> None:
+    plain = MSCDetector(**{**fast_params, "epochs": 0}).fit(images)
+    own = plain.backbone_spec_.preprocess
+    det = MSCDetector(
+        **{**fast_params, "epochs": 0}, preprocess={"mean": (0, 0, 0), "std": (1,) * 3}
+    )
+    det.fit(images)
+    pre = det.backbone_spec_.preprocess
+    assert (pre.mean, pre.std) == ((0.0,) * 3, (1.0,) * 3)
+    assert (pre.input_size, pre.interpolation) == (own.input_size, own.interpolation)
+    assert not np.allclose(det.transform(images), plain.transform(images))
+
+
+@pytest.mark.parametrize(
+    ("preprocess", "error"),
+    [
+        ({"mean": (0, 0, 0), "sdt": (1, 1, 1)}, ValueError),
+        ({"std": (0, 1, 1)}, ValueError),
+        ("imagenet", InvalidParameterError),
+    ],
+)
+def test_invalid_preprocess_fails_fit(images, fast_params, preprocess, error) -> None:
+    with pytest.raises(error, match="preprocess"):
+        MSCDetector(**fast_params, preprocess=preprocess).fit(images)
+
+
+def test_a_module_backbone_without_preprocess_fails_fit_saying_what_to_pass(images) -> None:
+    with pytest.raises(ValueError, match=r"preprocess=dict\(input_size=.*missing: input_size"):
+        MSCDetector(small_module()).fit(images)
+    with pytest.raises(ValueError, match="feature_info"):
+        MSCDetector(small_module(), preprocess=MODULE_PRE, frozen_stages=1).fit(images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -839,3 +840,91 @@ def test_an_unavailable_explicit_device_is_refused(saved: Path, monkeypatch) -> 
 def test_model_file_error_is_a_value_error() -> None:
     assert issubclass(ModelFileError, ValueError)
     assert msc_detector.ModelFileError is persistence.ModelFileError
+
+
+# ---------------------------------------------------- preprocessing and module backbones
+
+
+def test_a_preprocess_override_round_trips_through_a_model_file(tmp_path: Path) -> None:
+    X = np.random.default_rng(0).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    unnormalised = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    detector = MSCDetector(**{**FAST, "epochs": 0}, preprocess=unnormalised).fit(X)
+    detector.save(tmp_path / "d.msc")
+    params = msc_detector.inspect(tmp_path / "d.msc")["params"]
+    assert params["preprocess"] == {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped
+        loaded = MSCDetector.load(tmp_path / "d.msc")
+    assert loaded.get_params() == detector.get_params()
+    assert loaded.backbone_spec_ == detector.backbone_spec_
+    np.testing.assert_array_equal(loaded.score_samples(X), detector.score_samples(X))
+
+
+def test_preprocess_is_encoded_as_json() -> None:
+    from msc_detector.backbones import PreprocessConfig
+
+    config = PreprocessConfig(224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear", 0.875)
+    params = {
+        "config": config,
+        "partial": {"mean": np.array([0.5, 0.5, 0.5]), "input_size": np.int64(64)},
+        "strange": {"mean": object()},
+    }
+    encoded, dropped = persistence._json_params(params)
+    assert encoded == {
+        "config": {
+            "input_size": 224,
+            "mean": [0.0, 0.0, 0.0],
+            "std": [1.0, 1.0, 1.0],
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+        },
+        "partial": {"mean": [0.5, 0.5, 0.5], "input_size": 64},
+        "strange": None,
+    }
+    assert dropped == ["strange"]
+    json.dumps(encoded)
+
+
+@pytest.mark.parametrize("value", [{"a": {"b": 1}}, {"a": ["x"]}, {"a": list(range(17))}])
+def test_params_that_nest_deeper_are_refused(saved: Path, reader, value: dict) -> None:
+    edit_metadata(saved, lambda m: m["params"].update(preprocess=value))
+    with pytest.raises(ModelFileError, match=r"params'\] must be an object of nulls"):
+        reader(saved)
+
+
+def module_detector() -> tuple[MSCDetector, np.ndarray]:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    X = np.random.default_rng(0).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    pre = {"input_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    params = {k: v for k, v in FAST.items() if k != "weights"}
+    return MSCDetector(module, preprocess=pre, **params).fit(X), X
+
+
+def test_a_module_detector_is_not_saved_and_the_error_names_joblib(tmp_path: Path) -> None:
+    detector, X = module_detector()
+    with pytest.raises(ValueError, match=r"torch\.nn\.Module.*cannot be saved.*joblib\.dump"):
+        detector.save(tmp_path / "d.msc")
+    assert os.listdir(tmp_path) == []  # nothing written, not even a temporary file
+    with pytest.raises(ValueError, match="cannot be saved"):
+        persistence.encode(detector)
+    members = persistence.encode(detector, networks=False)
+    assert list(members) == ["metadata.json", "arrays.safetensors"]
+    decoded = persistence.decode(members, "pickle", networks=(detector.backbone_, None))
+    assert decoded.backbone is detector.backbone_ and decoded.backbone_spec.is_module
+    with pytest.raises(ModelFileError, match=r"missing member 'networks\.safetensors'"):
+        persistence.decode(members, "pickle")  # without the modules, nothing to build
+    restored = joblib.load(io.BytesIO(pickled(detector)))
+    np.testing.assert_array_equal(restored.score_samples(X), detector.score_samples(X))
+
+
+def pickled(detector: MSCDetector) -> bytes:
+    buffer = io.BytesIO()
+    joblib.dump(detector, buffer)
+    return buffer.getvalue()
