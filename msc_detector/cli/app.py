@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--weights",
         default="auto",
-        help="auto (default: bundled or cached weights), a weights file, or none (random "
-        "initialisation, for tests)",
+        help="auto (default: as MSCDetector finds them; bundled for efficientnet_lite0), a "
+        "weights file, or none (random initialisation, for tests)",
     )
     fit.add_argument(
         "--epochs",
