@@ -1,0 +1,521 @@
+"""The msc-detector command line: inputs, outputs, per-file errors, exit codes, end to end.
+
+Most tests call ``main`` in this process, where torch is already imported, with tiny
+detectors (a random EfficientNet-Lite0 at 32 px). The chain fit -> score -> report and
+the checks that need a fresh interpreter (no traceback, no torch for ``inspect``) run
+in subprocesses.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from msc_detector import MSCDetector
+from msc_detector.cli import main, scoring
+from msc_detector.cli.app import build_parser
+from msc_detector.cli.errors import UserError
+from msc_detector.cli.inputs import expand_images, folder_labels, read_labels
+from msc_detector.cli.scoring import check_readable
+
+REPO = Path(__file__).resolve().parents[1]
+# A random network at 32 px: a fit takes about a second.
+FAST = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+FAST += ["--random-state", "0", "--num-workers", "0"]
+SUBPROCESS_TIMEOUT = 300
+
+
+def _labelled_images() -> tuple[np.ndarray, np.ndarray]:
+    """Return real grayscale images and whether each is of the normal class."""
+    try:
+        from msc_detector.datasets import load_fashion_mnist
+
+        images, labels = load_fashion_mnist("test")
+        return images[:400], labels[:400] == 7  # sneakers are normal
+    except FileNotFoundError:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+        return np.kron(images[:400], np.ones((3, 3), np.uint8)), digits.target[:400] == 7
+
+
+def _write(folder: Path, images: np.ndarray, stem: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"{stem}_{i:03d}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``train/`` (normal images in two sub-folders), ``test/good`` and ``test/bad``."""
+    root = tmp_path_factory.mktemp("images")
+    images, normal = _labelled_images()
+    good, bad = images[normal], images[~normal]
+    _write(root / "train" / "day1", good[:10], "normal")
+    _write(root / "train" / "day2", good[10:20], "normal")
+    _write(root / "test" / "good", good[20:26], "good")
+    _write(root / "test" / "bad", bad[:6], "bad")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(folders: Path) -> Path:
+    path = folders / "model.msc"
+    assert main(["fit", str(folders / "train"), "-o", str(path), *FAST, "-q"]) == 0
+    return path
+
+
+def _read_csv(path: Path | str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_fit_score_report_chain_in_subprocesses(folders: Path, tmp_path: Path) -> None:
+    executable = shutil.which("msc-detector")
+    if executable is None:
+        pytest.fail("the msc-detector console script is missing: run 'pip install -e .'")
+    model_file = tmp_path / "model.msc"
+    fit = _run(executable, "fit", str(folders / "train"), "-o", str(model_file), *FAST)
+    assert fit.returncode == 0, fit.stderr
+    assert f"saved the model to {model_file}" in fit.stdout
+    offset = MSCDetector.load(model_file).offset_
+    assert re.search(r"threshold \(offset_\): (\S+)", fit.stdout).group(1) == f"{offset:.6g}"
+    assert "epoch 1" in fit.stderr  # the progress bar over the batches of an epoch
+
+    scores = tmp_path / "scores.csv"
+    score = _run(
+        sys.executable, "-m", "msc_detector", "score", str(model_file), str(folders / "test"),
+        "-o", str(scores),
+    )  # fmt: skip
+    assert score.returncode == 0, score.stderr
+    rows = _read_csv(scores)
+    assert len(rows) == 12
+    assert {row["label"] for row in rows} <= {"normal", "anomaly"}
+    assert all(Path(row["neighbor_1"]).parent.parent == folders / "train" for row in rows)
+    assert "scoring" in score.stderr  # the progress bar
+
+    report = tmp_path / "report.html"
+    made = _run(
+        sys.executable, "-m", "msc_detector", "report", str(model_file),
+        "--good", str(folders / "test" / "good"), "--bad", str(folders / "test" / "bad"),
+        "-o", str(report),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert f"wrote the report to {report}" in made.stdout
+    html = report.read_text(encoding="utf-8")
+    assert "ROC-AUC" in html
+    assert html.count("<img ") >= 12 + 6 * 3  # the top images and their neighbours
+
+
+# ----------------------------------------------------------------------- score
+
+
+def test_scores_match_the_estimator(model: Path, folders: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(model), str(folders / "test"), "-o", str(out), "-q"]) == 0
+    rows = _read_csv(out)
+    paths = [row["path"] for row in rows]
+    assert paths == [str(p) for p in expand_images([str(folders / "test")])]
+    detector = MSCDetector.load(model)
+    scores = np.array([float(row["score"]) for row in rows])
+    np.testing.assert_array_equal(scores, detector.score_samples(paths))
+    decisions = np.array([float(row["decision"]) for row in rows])
+    np.testing.assert_array_equal(decisions, scores - detector.offset_)
+    predicted = np.where(np.array([row["label"] for row in rows]) == "anomaly", -1, 1)
+    np.testing.assert_array_equal(predicted, detector.predict(paths))
+    distances, indices = detector.kneighbors(paths, n_neighbors=3)
+    for row, nearest, dist in zip(rows, indices, distances, strict=True):
+        assert [row[f"neighbor_{j}"] for j in (1, 2, 3)] == [
+            detector.train_paths_[i] for i in nearest
+        ]
+        assert [float(row[f"neighbor_{j}_distance"]) for j in (1, 2, 3)] == pytest.approx(dist)
+        assert row["error"] == ""
+
+
+def test_score_writes_jsonl_and_csv_alike(model: Path, folders: Path, tmp_path: Path) -> None:
+    images = str(folders / "test" / "bad")
+    assert main(["score", str(model), images, "-o", str(tmp_path / "s.csv"), "-q"]) == 0
+    assert main(["score", str(model), images, "-o", str(tmp_path / "s.jsonl"), "-q"]) == 0
+    from_csv = _read_csv(tmp_path / "s.csv")
+    lines = (tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()
+    from_json = [json.loads(line) for line in lines]
+    assert len(from_json) == len(from_csv) == 6
+    for a, b in zip(from_csv, from_json, strict=True):
+        assert list(a) == list(b)
+        assert float(a["score"]) == b["score"]
+        assert a["neighbor_2"] == b["neighbor_2"]
+        assert b["error"] is None
+
+
+def test_score_writes_parquet_or_names_the_package(
+    model: Path, folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "scores.parquet"
+    status = main(["score", str(model), str(folders / "test"), "-o", str(out), "-q"])
+    if importlib.util.find_spec("pyarrow") is None:
+        assert status == 1
+        assert "pip install pyarrow" in _one_error_line(capsys.readouterr().err)
+        assert not out.exists()
+        return
+    import pyarrow.parquet as pq
+
+    assert status == 0
+    table = pq.read_table(out).to_pylist()
+    main(["score", str(model), str(folders / "test"), "-o", str(tmp_path / "s.csv"), "-q"])
+    rows = _read_csv(tmp_path / "s.csv")
+    assert [r["path"] for r in table] == [r["path"] for r in rows]
+    assert [r["score"] for r in table] == [float(r["score"]) for r in rows]
+
+
+def test_score_to_standard_output(
+    model: Path, folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["score", str(model), str(folders / "test" / "good")]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(out.splitlines()))
+    assert len(rows) == 6
+    assert "scored 6 images" in err  # the status line keeps out of the data
+
+
+def test_unreadable_files_are_reported_in_their_rows(
+    model: Path,
+    folders: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folders / "test" / "good", mixed)
+    (mixed / "not_an_image.png").write_text("hello")
+    png = (mixed / "good_000.png").read_bytes()
+    (mixed / "truncated.png").write_bytes(png[: len(png) // 2])
+    # A truncated JPEG passes PIL's cheap check and fails only when decoded: the chunk
+    # fails, and its files are scored one by one.
+    buffer = tmp_path / "whole.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(buffer)
+    whole = buffer.read_bytes()
+    (mixed / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# files\n{mixed / 'good_001.png'}\nmissing.png\n")
+    out = tmp_path / "scores.csv"
+    calls = []
+    embed = scoring._embed_and_search
+
+    def spy(detector: MSCDetector, paths: list[str], k: int) -> tuple[np.ndarray, ...]:
+        calls.append(len(paths))
+        return embed(detector, paths, k)
+
+    monkeypatch.setattr(scoring, "_embed_and_search", spy)
+    status = main(["score", str(model), str(mixed), str(listing), "-o", str(out)])
+    assert status == 0
+    assert calls == [7] + [1] * 7  # the chunk failed on the JPEG: then file by file
+    rows = {Path(row["path"]).name: row for row in _read_csv(out)}
+    assert len(rows) == 10
+    bad = {"not_an_image.png", "truncated.png", "truncated.jpg", "missing.png"}
+    assert {name for name, row in rows.items() if row["error"]} == bad
+    assert "cannot read the image" in rows["not_an_image.png"]["error"]
+    assert "truncated" in rows["truncated.jpg"]["error"]
+    assert rows["missing.png"]["error"] == "no such file"
+    assert all(rows[name]["score"] == "" and rows[name]["label"] == "" for name in bad)
+    good = [row for name, row in rows.items() if name not in bad]
+    detector = MSCDetector.load(model)
+    expected = detector.score_samples([row["path"] for row in good])
+    np.testing.assert_allclose([float(row["score"]) for row in good], expected, rtol=1e-5)
+    assert "4 could not be read" in capsys.readouterr().out
+
+
+def test_threshold_option_moves_labels(model: Path, folders: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.csv"
+    images = str(folders / "test")
+    main(["score", str(model), images, "-o", str(out), "-q"])
+    scores = sorted(float(row["score"]) for row in _read_csv(out))
+    threshold = (scores[3] + scores[4]) / 2
+    main(["score", str(model), images, "-o", str(out), "-q", "--threshold", str(threshold)])
+    rows = _read_csv(out)
+    assert sum(row["label"] == "anomaly" for row in rows) == 4
+    for row in rows:
+        assert float(row["decision"]) == float(row["score"]) - threshold
+
+
+def test_neighbours_of_a_detector_fitted_on_arrays_are_indices(
+    tmp_path: Path, folders: Path
+) -> None:
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), np.uint8)
+    detector = MSCDetector(weights=None, image_size=32, epochs=0, batch_size=4).fit(images)
+    detector.save(tmp_path / "arrays.msc")
+    out = tmp_path / "s.jsonl"
+    args = ["score", str(tmp_path / "arrays.msc"), str(folders / "test" / "bad"), "-q"]
+    assert main([*args, "-o", str(out), "--neighbors", "9"]) == 0  # at most the 4 there are
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(isinstance(row["neighbor_4"], int) for row in rows)
+    assert "neighbor_5" not in rows[0]
+
+
+def test_no_neighbour_columns_with_zero(model: Path, folders: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.csv"
+    args = ["score", str(model), str(folders / "test" / "bad"), "-o", str(out), "-q"]
+    assert main([*args, "--neighbors", "0"]) == 0
+    assert list(_read_csv(out)[0]) == ["path", "score", "decision", "label", "error"]
+
+
+def test_an_interrupted_score_leaves_no_table(
+    model: Path, folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> object:
+        yield from []
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scoring, "score_files", interrupted)
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(model), str(folders / "test"), "-o", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []  # neither the table nor a hidden partial one
+
+
+def test_report_with_a_labels_file(
+    model: Path, folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = folders / "labels.csv"
+    rows = [f"test/good/{p.name},good" for p in sorted((folders / "test" / "good").iterdir())]
+    rows += [f"test/bad/{p.name},bad" for p in sorted((folders / "test" / "bad").iterdir())]
+    labels.write_text("path,label\n" + "\n".join(rows) + "\n")
+    page = tmp_path / "report.html"
+    assert main(["report", str(model), "--labels", str(labels), "-o", str(page), "-q"]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "12 labelled images: 6 normal, 6 anomalies" in text
+    assert "ROC-AUC" in text
+    # Images named on the command line take their labels from the file where it has them.
+    args = ["report", str(model), str(folders / "test" / "bad"), "--labels", str(labels)]
+    assert main([*args, "-o", str(page), "-q"]) == 0
+    assert "6 labelled images: 0 normal, 6 anomalies" in page.read_text(encoding="utf-8")
+    args = ["report", str(model), str(folders / "train"), "--labels", str(labels)]
+    assert main([*args, "-o", str(page)]) == 1
+    assert "none of the images has a label" in _one_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def test_folders_are_searched_recursively_for_images(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for name in ("a/1.png", "a/b/2.JPG", "a/b/notes.txt", "a/.3.png", ".hidden/4.png", "5.tif"):
+        (tmp_path / name).write_bytes(b"")
+    found = [Path(p).relative_to(tmp_path).as_posix() for p in expand_images([str(tmp_path)])]
+    assert found == ["5.tif", "a/1.png", "a/b/2.JPG"]
+
+
+def test_globs_lists_and_duplicates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("x1.png", "x2.png", "y.png"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "l.txt").write_text("# comment\n\n../y.png\n/abs/z.png\n")
+    (tmp_path / "lists" / "l.csv").write_text("id,path\n1,../x2.png\n")
+    (tmp_path / "lists" / "bare.csv").write_text("../x1.png,extra\n")
+    monkeypatch.chdir(tmp_path)
+    found = expand_images(["x*.png", "lists/l.txt", "lists/l.csv", "lists/bare.csv", "y.png"])
+    assert [Path(p).name for p in found] == ["x1.png", "x2.png", "y.png", "z.png"]
+    assert found[2] == str(Path("lists") / "../y.png")  # relative to the list's folder
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("missing", "no such file or folder: 'missing'"),
+        ("empty", "no image files in the folder 'empty'"),
+        ("*.bmp", "no image files match '*.bmp'"),
+        ("columns.csv", "has no column named path"),
+    ],
+)
+def test_input_errors(
+    spec: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "columns.csv").write_text("a,b\n1,2\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message)):
+        expand_images([spec])
+
+
+def test_labels_files(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na.png,good\nsub/b.png,Anomaly\nc.png,0\nd.png,1\n")
+    paths, known = read_labels(str(labels))
+    assert paths == [str(tmp_path / n) for n in ("a.png", "sub/b.png", "c.png", "d.png")]
+    assert [known[os.path.abspath(p)] for p in paths] == [False, True, False, True]
+    labels.write_text("path,label\na.png,maybe\n")
+    with pytest.raises(UserError, match="label 'maybe' is neither normal"):
+        read_labels(str(labels))
+    labels.write_text("file,y\na.png,-1\n")
+    with pytest.raises(UserError, match=r"labels\.csv:2: label '-1'"):
+        read_labels(str(labels))
+    labels.write_text("name,kind\n")
+    with pytest.raises(UserError, match="columns 'path' and 'label'"):
+        read_labels(str(labels))
+
+
+def test_folder_labels_refuse_a_file_in_both(folders: Path) -> None:
+    good = str(folders / "test" / "good")
+    files, labels = folder_labels([good], [str(folders / "test" / "bad")])
+    assert len(files) == 12 and sum(labels.values()) == 6
+    with pytest.raises(UserError, match="both under --good and under --bad"):
+        folder_labels([good], [good])
+
+
+def test_check_readable(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
+    assert check_readable(str(tmp_path / "ok.png")) is None
+    assert check_readable(str(tmp_path / "bad.png")).startswith("cannot read the image")
+    assert check_readable(str(tmp_path / "none.png")) == "no such file"
+    assert check_readable(str(tmp_path)) == "is a folder, not an image file"
+
+
+# ------------------------------------------------------- errors and conventions
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, folders: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "fake.msc").write_text("not a model")
+    (tmp_path / "labels.csv").write_text("path,label\nx.png,perhaps\n")
+    _write(tmp_path / "two", np.zeros((2, 8, 8), np.uint8), "img")
+    _write(tmp_path / "three", np.zeros((3, 8, 8), np.uint8), "img")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["fit", "nowhere", "-o", "m.msc"], 1, "no such file or folder: 'nowhere'"),
+        (["fit", "empty", "-o", "m.msc"], 1, "no image files in the folder 'empty'"),
+        (["fit", "two", "-o", "no/such/dir/m.msc"], 1, "the folder 'no/such/dir' does not exist"),
+        (["fit", "two", "-o", "out"], 1, "the output 'out' is a folder"),
+        (["fit", "two", "-o", "m.msc", *FAST], 1, "fit needs at least n_neighbors + 1 = 3"),
+        (["fit", "three", "-o", "m.msc", "--weights", "nope.pt"], 1, "nope.pt"),
+        (["fit", "two", "-o", "m.msc", "--epochs", "-1"], 2, "--epochs: must be at least 0"),
+        (["fit", "two", "-o", "m.msc", "--image-size", "big"], 2, "expected an integer"),
+        (["fit", "two", "-o", "m.msc", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["fit", "two"], 2, "the following arguments are required: -o/--output"),
+        ([], 2, "the following arguments are required: COMMAND"),
+        (["score", "absent.msc", "two"], 1, "no such model file: 'absent.msc'"),
+        (["score", "fake.msc", "two"], 1, "fake.msc is not a usable model file"),
+        (["score", "fake.msc", "two", "-o", "s.xlsx"], 1, "cannot tell the format of 's.xlsx'"),
+        (["report", "fake.msc", "two", "-o", "r.html"], 1, "is not a usable model file"),
+        (["report", "fake.msc", "-o", "r.html"], 1, "name the images to report on"),
+        (["report", "fake.msc", "--labels", "labels.csv", "-o", "r.html"], 1, "'perhaps'"),
+        (["report", "fake.msc", "--labels", "l.csv", "--good", "two", "-o", "r"], 1, "not both"),
+        (["inspect", "fake.msc"], 1, "it is not a zip archive"),
+        (["inspect", "absent.msc"], 1, "no such model file"),
+    ],
+)
+def test_user_errors_print_one_line(
+    args: list[str],
+    status: int,
+    message: str,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(args) == status
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err)
+    assert line.startswith("msc-detector")
+    assert ": error: " in line
+    assert message in line
+    assert "Traceback" not in captured.out
+
+
+def test_errors_have_no_traceback_in_a_fresh_process(workdir: Path) -> None:
+    for args, status in ((["fit", "nowhere", "-o", "m.msc"], 1), (["score", "--nope"], 2)):
+        result = _run(sys.executable, "-m", "msc_detector", *args, cwd=workdir)
+        assert result.returncode == status
+        _one_error_line(result.stderr)
+
+
+def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ([], ["fit"], ["score"], ["report"], ["inspect"]):
+        assert main([*command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: msc-detector {' '.join(command)}".rstrip())
+    result = _run(sys.executable, "-m", "msc_detector", "--help")
+    assert result.returncode == 0
+    assert all(word in result.stdout for word in ("fit", "score", "report", "inspect"))
+
+
+def test_docs_describe_every_option() -> None:
+    text = (REPO / "docs" / "cli.rst").read_text(encoding="utf-8")
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, sub in commands.items():
+        assert f"msc-detector {name}" in text
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option.startswith("--"):
+                    assert f"``{option}" in text, f"docs/cli.rst does not describe {name} {option}"
+
+
+def test_quiet_and_verbose(
+    folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, images = tmp_path / "m.msc", str(folders / "test" / "bad")
+    assert main(["fit", images, "-o", str(out), *FAST, "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""
+    assert main(["fit", images, "-o", str(out), *FAST, "--epochs", "0", "-v"]) == 0
+    captured = capsys.readouterr()
+    assert "msc-detector: Embedding 6 training images" in captured.err  # a log record
+    assert "saved the model to" in captured.out
+
+
+def test_inspect_prints_json_without_importing_torch(model: Path) -> None:
+    import msc_detector
+
+    code = (
+        "import sys\nfrom msc_detector.cli import main\nstatus = main(sys.argv[1:])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\n"
+        "sys.exit(status)\n"
+    )
+    result = _run(sys.executable, "-c", code, "inspect", str(model))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "no torch"
+    assert json.loads(result.stdout) == json.loads(json.dumps(msc_detector.inspect(model)))
+    via_module = _run(sys.executable, "-m", "msc_detector", "inspect", str(model))
+    assert json.loads(via_module.stdout)["fitted"]["n_train_"] == 20
