@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Set up msc-detector on a fresh Debian machine (run as root from the repository root).
 #
-# 1. Data sets from Debian packages, when they are missing and apt-get exists (one
-#    `apt-get update` for both). Best effort: a package that cannot be installed is
-#    reported and the script goes on.
+# 1. Debian packages, when they are missing and apt-get exists (one `apt-get update`
+#    for all). Best effort: a package that cannot be installed is reported and the
+#    script goes on.
 #    - dataset-fashion-mnist: Fashion-MNIST for the quickstart, examples, tests and
 #      benchmarks; without it the quickstart uses scikit-learn's digits instead.
 #    - opencv-doc: OpenCV's handwritten digits (examples/data/digits.png) for the
 #      opencv-digits benchmark; its smoke test fails without it.
-# 2. The package in editable mode with its test, docs and bench extras.
+#    - chromium: a headless browser in which tests/test_report.py opens the HTML report
+#      of `msc-detector report`; that test fails without it.
+# 2. The package in editable mode with its test, docs and bench extras, which also
+#    installs the msc-detector command.
 #
 # Safe to run again: each step only does work that is still missing.
 set -euo pipefail
@@ -21,12 +24,17 @@ PYTHON="${PYTHON:-python}"
 
 have_fashion_mnist() { [ -d "$FASHION_MNIST_DIR" ]; }
 have_opencv_digits() { [ -f "$OPENCV_DIGITS" ] || [ -f "$OPENCV_DIGITS.gz" ]; }
+have_chromium() {
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 ||
+        command -v google-chrome >/dev/null 2>&1
+}
 
 # What is lost without each package.
 without() {
     case "$1" in
         dataset-fashion-mnist) echo "the quickstart will use scikit-learn's digits instead" ;;
         opencv-doc) echo "the opencv-digits benchmark and its smoke test need $OPENCV_DIGITS" ;;
+        chromium) echo "the report's browser test (tests/test_report.py) will fail" ;;
     esac
 }
 
@@ -40,6 +48,11 @@ if have_opencv_digits; then
     echo "install.sh: OpenCV's digits found at $OPENCV_DIGITS"
 else
     missing+=(opencv-doc)
+fi
+if have_chromium; then
+    echo "install.sh: a Chromium browser found"
+else
+    missing+=(chromium)
 fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
