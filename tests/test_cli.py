@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -106,42 +107,49 @@ def _one_error_line(stderr: str) -> str:
 # ------------------------------------------------------------------ end to end
 
 
+def _readme_commands() -> list[list[str]]:
+    """Return the commands of the README's "Command line" section."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("## Command line")[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert block, "README.md's Command line section has no bash block"
+    return [shlex.split(line) for line in block.group(1).strip().splitlines()]
+
+
 @pytest.mark.slow
-def test_fit_score_report_chain_in_subprocesses(folders: Path, tmp_path: Path) -> None:
+def test_the_readme_commands_go_from_two_folders_to_a_report(
+    folders: Path, tmp_path: Path
+) -> None:
     executable = shutil.which("msc-detector")
     if executable is None:
         pytest.fail("the msc-detector console script is missing: run 'pip install -e .'")
-    model_file = tmp_path / "model.msc"
-    fit = _run(executable, "fit", str(folders / "train"), "-o", str(model_file), *FAST)
-    assert fit.returncode == 0, fit.stderr
-    assert f"saved the model to {model_file}" in fit.stdout
-    offset = MSCDetector.load(model_file).offset_
-    assert re.search(r"threshold \(offset_\): (\S+)", fit.stdout).group(1) == f"{offset:.6g}"
-    assert "epoch 1" in fit.stderr  # the progress bar over the batches of an epoch
+    fit, score, report = _readme_commands()
+    assert [fit[:2], score[:2], report[:2]] == [["msc-detector", "fit"]] + [
+        ["msc-detector", name] for name in ("score", "report")
+    ]
+    shutil.copytree(folders / "train", tmp_path / "normal")
+    shutil.copytree(folders / "test", tmp_path / "new")
 
-    scores = tmp_path / "scores.csv"
-    score = _run(
-        sys.executable, "-m", "msc_detector", "score", str(model_file), str(folders / "test"),
-        "-o", str(scores),
-    )  # fmt: skip
-    assert score.returncode == 0, score.stderr
-    rows = _read_csv(scores)
+    done = _run(executable, *fit[1:], *FAST, cwd=tmp_path)  # FAST: a random network
+    assert done.returncode == 0, done.stderr
+    assert "saved the model to model.msc" in done.stdout
+    offset = MSCDetector.load(tmp_path / "model.msc").offset_
+    assert re.search(r"threshold \(offset_\): (\S+)", done.stdout).group(1) == f"{offset:.6g}"
+    assert "epoch 1" in done.stderr  # the progress bar over the batches of an epoch
+
+    done = _run(executable, *score[1:], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = _read_csv(tmp_path / "scores.csv")
     assert len(rows) == 12
     assert {row["label"] for row in rows} <= {"normal", "anomaly"}
-    assert all(Path(row["neighbor_1"]).parent.parent == folders / "train" for row in rows)
-    assert "scoring" in score.stderr  # the progress bar
+    assert all(Path(row["neighbor_1"]).parent.parent == tmp_path / "normal" for row in rows)
+    assert "scoring" in done.stderr  # the progress bar
 
-    report = tmp_path / "report.html"
-    made = _run(
-        sys.executable, "-m", "msc_detector", "report", str(model_file),
-        "--good", str(folders / "test" / "good"), "--bad", str(folders / "test" / "bad"),
-        "-o", str(report),
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    assert f"wrote the report to {report}" in made.stdout
-    html = report.read_text(encoding="utf-8")
-    assert "ROC-AUC" in html
-    assert html.count("<img ") >= 12 + 6 * 3  # the top images and their neighbours
+    done = _run(executable, *report[1:], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "wrote the report to report.html" in done.stdout
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "No labels were given" in html
+    assert html.count("<img ") == 12 + 12 * 3  # every image, and each one's neighbours
 
 
 # ----------------------------------------------------------------------- score

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import html
+import io
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from msc_detector.cli import evaluation, main, svg
 from msc_detector.cli.report import ReportData, render_report
+from msc_detector.cli.thumbnails import make_thumbnail
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FAST = ["--weights", "none", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
@@ -193,6 +195,26 @@ def test_report_with_one_class_of_labels(tmp_path: Path) -> None:
     document = render_report(_report_data(tmp_path, labels=np.array([0] * 7, np.int8)))
     assert "Curves need both normal and anomalous labelled images" in document
     assert "<h3>Thresholds</h3>" in document
+
+
+def test_thumbnails(tmp_path: Path) -> None:
+    sixteen = np.full((10, 12), 65535, np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "16.png")
+    thumb = make_thumbnail(str(tmp_path / "16.png"))
+    assert not isinstance(thumb, str)
+    assert thumb.uri.startswith("data:image/png;base64,") and thumb.source_size == (12, 10)
+    with Image.open(io.BytesIO(base64.b64decode(thumb.uri.split(",")[1]))) as small:
+        assert small.convert("L").getpixel((0, 0)) == 255  # scaled to 8 bits, not clipped
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": the detector turns it upright, and so does the thumbnail
+    photo.save(tmp_path / "photo.jpg", exif=exif)
+    thumb = make_thumbnail(str(tmp_path / "photo.jpg"))
+    assert not isinstance(thumb, str)
+    assert thumb.uri.startswith("data:image/jpeg") and (thumb.width, thumb.height) == (180, 240)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert make_thumbnail(str(tmp_path / "bad.png")).startswith("cannot read")
+    assert make_thumbnail(str(tmp_path / "none.png")) == "file not found"
 
 
 # ------------------------------------------------------------------ the browser

@@ -262,7 +262,7 @@ def _against_labels(data: ReportData, scored: np.ndarray, curves: evaluation.Cur
             svg.Line("chance", [0, 1], [0, 1], "#b0b0b0", dashed=True),
         ],
         title=f"ROC curve, AUC {curves.roc_auc:.4f}",
-        xlabel="false-positive rate (normal images flagged)",
+        xlabel="false-positive rate (normal flagged)",
         ylabel="recall (anomalies flagged)",
         markers=[
             svg.Marker("threshold", model.false_positive_rate, model.recall, _COLORS["threshold"])
@@ -282,7 +282,7 @@ def _against_labels(data: ReportData, scored: np.ndarray, curves: evaluation.Cur
         ],
         title=f"Precision-recall curve, average precision {curves.average_precision:.4f}",
         xlabel="recall (anomalies flagged)",
-        ylabel="precision (flagged that are anomalies)",
+        ylabel="precision",
         markers=[svg.Marker("threshold", model.recall, model.precision, _COLORS["threshold"])]
         if math.isfinite(model.precision)
         else [],
@@ -292,7 +292,8 @@ def _against_labels(data: ReportData, scored: np.ndarray, curves: evaluation.Cur
     return (
         f"{head}<p>{counts} ROC-AUC <b>{curves.roc_auc:.4f}</b>, average precision "
         f"<b>{curves.average_precision:.4f}</b> (anomalies are the positive class; 1 is "
-        "perfect). The dot marks the threshold in use.</p>"
+        "perfect). Recall is the share of anomalies flagged, precision the share of flagged "
+        "images that are anomalies. The dot marks the threshold in use.</p>"
         f'<div class="charts"><div class="chart">{roc}</div><div class="chart">{pr}</div></div>'
         f"{_threshold_table(scores, is_anomaly, data)}</section>"
     )
@@ -345,7 +346,7 @@ def _anomalies(data: ReportData, order: np.ndarray, thumbs: _Thumbs, names: dict
             f"#{rank} {names[data.paths[i]]}",
             data.paths[i],
             _image_lines(data, i),
-            "query",
+            "query" if data.scores[i] < data.threshold else "query normal",
         )
         neighbours = []
         for j, (index, distance) in enumerate(
@@ -436,8 +437,8 @@ def _training(data: ReportData) -> str:
             xlabel="epoch",
             ylabel="loss",
             x_range=(min(epochs) - 0.5, max(epochs) + 0.5),
-            width=480,
-            height=260,
+            width=400,
+            height=240,
             integer_x=True,
         )
         rows = "".join(
@@ -534,7 +535,7 @@ section.cards { display:flex; flex-wrap:wrap; gap:12px; background:none; border:
 .card .value a { color:var(--bad) }
 .card .key { color:var(--muted) }
 .chart svg { width:100%; height:auto; display:block }
-.chart.wide { max-width:980px }
+.chart.wide { max-width:860px }
 .charts { display:flex; flex-wrap:wrap; gap:24px; align-items:flex-start }
 .charts>.chart { flex:1 1 340px; max-width:480px }
 table { border-collapse:collapse }
@@ -579,6 +580,7 @@ figure.query { width:172px }
   overflow:hidden;
 }
 figure.query .thumb { border:2px solid var(--bad) }
+figure.query.normal .thumb { border-color:var(--good) }
 .thumb img { max-width:100%; max-height:100%; width:auto; height:auto }
 .thumb img.px { image-rendering:pixelated; width:100%; height:100%; object-fit:contain }
 .thumb.none span { color:var(--muted); font-size:12px; padding:8px; text-align:center }

@@ -201,8 +201,8 @@ def histogram(
     xlabel: str,
     markers: Sequence[Marker] = (),
     bins: int = 40,
-    width: int = 760,
-    height: int = 300,
+    width: int = 680,
+    height: int = 290,
 ) -> str:
     """Return an SVG histogram of the share of each group's values per bin.
 
