@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 # A randomly initialised EfficientNet-Lite0 at 32 px fits 24 images in about a second.
 FAST = {
@@ -38,3 +39,20 @@ def blob_images() -> tuple[np.ndarray, np.ndarray]:
         normal.append(np.repeat((blob * 120)[..., None], 3, axis=2))
     anomalies = rng.integers(0, 256, size=(10, 32, 32, 3))
     return np.asarray(normal, np.uint8), anomalies.astype(np.uint8)
+
+
+# The preprocessing a module backbone needs, for small_module's 32-pixel inputs.
+MODULE_PRE = {"input_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def small_module(width: int = 16) -> torch.nn.Module:
+    """A headless network of torch's own layers (so it unpickles anywhere), with a BatchNorm."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, width, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )

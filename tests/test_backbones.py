@@ -13,6 +13,7 @@ import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import timm
@@ -455,25 +456,14 @@ def test_invalid_preprocess_is_refused_naming_the_key(override, message) -> None
 
 
 def small_module() -> torch.nn.Module:
-    """A headless network of torch's own layers (picklable anywhere), with a BatchNorm."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 12, 3, stride=2, padding=1),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-    )
-
-
-MODULE_PRE = {"input_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    """The shared small module, 12 features wide."""
+    return conftest.small_module(width=12)
 
 
 def test_a_module_backbone_is_copied_and_measured() -> None:
     module = small_module().train()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    backbone = create_backbone(module, preprocess=MODULE_PRE)
+    backbone = create_backbone(module, preprocess=conftest.MODULE_PRE)
     assert backbone.model is not module and not backbone.model.training
     assert module.training  # the user's module is left as it was
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
@@ -490,7 +480,7 @@ def test_a_module_backbone_is_copied_and_measured() -> None:
 def test_a_module_backbone_keeps_parameters_its_owner_froze() -> None:
     module = small_module()
     module[0].requires_grad_(False)
-    model = create_backbone(module, preprocess=MODULE_PRE).model
+    model = create_backbone(module, preprocess=conftest.MODULE_PRE).model
     assert [p.requires_grad for p in model.parameters()] == [
         p.requires_grad for p in module.parameters()
     ]
@@ -506,14 +496,14 @@ def test_a_module_backbone_needs_its_preprocessing() -> None:
 def test_a_module_backbone_takes_only_its_own_weights(tmp_path: Path) -> None:
     for weights in (None, tmp_path / "w.pth"):
         with pytest.raises(ValueError, match="brings its own weights, so weights must be 'auto'"):
-            create_backbone(small_module(), weights=weights, preprocess=MODULE_PRE)
+            create_backbone(small_module(), weights=weights, preprocess=conftest.MODULE_PRE)
 
 
 def test_a_module_without_feature_info_freezes_no_stages() -> None:
-    spec = create_backbone(small_module(), frozen_stages=0, preprocess=MODULE_PRE).spec
+    spec = create_backbone(small_module(), frozen_stages=0, preprocess=conftest.MODULE_PRE).spec
     assert spec.frozen_stages == 0
     with pytest.raises(ValueError, match=r"frozen_stages=2 needs the stages.*feature_info"):
-        create_backbone(small_module(), frozen_stages=2, preprocess=MODULE_PRE)
+        create_backbone(small_module(), frozen_stages=2, preprocess=conftest.MODULE_PRE)
 
 
 def test_a_timm_module_with_feature_info_can_freeze_stages() -> None:
@@ -538,4 +528,4 @@ def test_a_timm_module_with_feature_info_can_freeze_stages() -> None:
 )
 def test_a_module_that_is_not_headless_is_refused(module, message) -> None:
     with pytest.raises(ValueError, match=message):
-        create_backbone(module, preprocess=MODULE_PRE)
+        create_backbone(module, preprocess=conftest.MODULE_PRE)

@@ -15,6 +15,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from conftest import MODULE_PRE, small_module
 from PIL import Image
 from sklearn.base import clone, is_outlier_detector
 from sklearn.exceptions import NotFittedError
@@ -442,9 +443,10 @@ def test_grid_search_over_epochs_and_neighbours(blob_images, fast_params) -> Non
 # ------------------------------------------------------------- persistence
 
 
-def test_joblib_round_trip_in_a_fresh_process(fitted, images, tmp_path: Path) -> None:
+def scores_in_a_fresh_process(detector: MSCDetector, images: np.ndarray, tmp_path: Path):
+    """Dump ``detector`` with joblib and score ``images`` with it in a new interpreter."""
     model, data, out = tmp_path / "det.joblib", tmp_path / "x.npy", tmp_path / "s.npy"
-    joblib.dump(fitted, model)
+    joblib.dump(detector, model)
     np.save(data, images)
     code = textwrap.dedent(f"""
         import joblib, numpy as np
@@ -452,7 +454,12 @@ def test_joblib_round_trip_in_a_fresh_process(fitted, images, tmp_path: Path) ->
         np.save({str(out)!r}, det.score_samples(np.load({str(data)!r})))
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
-    np.testing.assert_array_equal(np.load(out), fitted.score_samples(images))
+    return np.load(out)
+
+
+def test_joblib_round_trip_in_a_fresh_process(fitted, images, tmp_path: Path) -> None:
+    fresh = scores_in_a_fresh_process(fitted, images, tmp_path)
+    np.testing.assert_array_equal(fresh, fitted.score_samples(images))
 
 
 def test_a_cuda_fitted_model_loads_on_a_cpu_with_a_warning(fitted, images, monkeypatch):
@@ -669,22 +676,6 @@ def test_a_pickle_and_a_model_file_land_by_the_same_rule(fitted, images, tmp_pat
 # ------------------------------------------------------------ module backbones
 
 
-def small_module() -> torch.nn.Module:
-    """A headless network of torch's own layers (so it unpickles anywhere)."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-    )
-
-
-MODULE_PRE = {"input_size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-
-
 @pytest.fixture
 def module_params(fast_params) -> dict:
     params = {k: v for k, v in fast_params.items() if k != "weights"}
@@ -763,16 +754,9 @@ def test_a_module_detector_pickles_with_equal_scores(module_fitted, images, tmp_
     assert [p.requires_grad for p in restored.backbone_.parameters()] == [
         p.requires_grad for p in module_fitted.backbone_.parameters()
     ]
-    model, data, out = tmp_path / "det.joblib", tmp_path / "x.npy", tmp_path / "s.npy"
-    joblib.dump(module_fitted, model)
-    np.save(data, images)
-    code = textwrap.dedent(f"""
-        import joblib, numpy as np
-        det = joblib.load({str(model)!r})
-        np.save({str(out)!r}, det.score_samples(np.load({str(data)!r})))
-    """)
-    subprocess.run([sys.executable, "-c", code], check=True)
-    np.testing.assert_array_equal(np.load(out), scores)
+    np.testing.assert_array_equal(
+        scores_in_a_fresh_process(module_fitted, images, tmp_path), scores
+    )
 
 
 def test_a_module_detector_with_a_nearest_view_pickles_both_networks(module_params) -> None:
