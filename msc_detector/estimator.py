@@ -347,15 +347,13 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             "n_train_": len(images),
             "train_paths_": _paths(source),
         }
-        history: list[dict[str, float]] = []
+        history: list[dict] = []
         if trains:
             latest: dict[str, Any] = {"epoch": 0, "own": own}
 
             def on_epoch(epoch: int, loss: float) -> None:
                 latest.update(epoch=epoch, own=embed_own())
-                self._call_back(
-                    epoch, {**common, "history_": list(history)}, [latest["own"], *fixed]
-                )
+                self._call_back(epoch, {**common, "history_": []}, [latest["own"], *fixed])
 
             if self.epoch_callback is not None:
                 self._call_back(0, {**common, "history_": []}, [own, *fixed])
