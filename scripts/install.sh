@@ -79,6 +79,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
-echo "install.sh: installing msc-detector with the test, docs and bench extras"
-"$PYTHON" -m pip install -e ".[test,docs,bench]"
+echo "install.sh: installing msc-detector with the test, docs, bench and dask extras"
+"$PYTHON" -m pip install -e ".[test,docs,bench,dask]"
+echo "install.sh: installing defect-synthesis (benchmarks/defects.py) without its opencv-python"
+"$PYTHON" -m pip install --no-deps "defect-synthesis==0.1.0"
 echo "install.sh: done"
