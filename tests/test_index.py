@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import faiss
@@ -263,3 +264,22 @@ def test_approximate_indexes_pickle_and_serialise_with_their_settings(kind) -> N
         KNNIndex.from_bytes(index.to_bytes(), index.spec, "IndexFlat", 8, 300)
     with pytest.raises(ValueError, match="of 299 vectors"):
         KNNIndex.from_bytes(index.to_bytes(), index.spec, info["faiss_class"], 8, 299)
+
+
+def test_the_index_benchmark_measures_a_tiny_bank(tmp_path, monkeypatch) -> None:
+    """A smoke run of benchmarks/index.py, so that the script cannot rot."""
+    from benchmarks import index as bench
+
+    monkeypatch.setattr(bench, "SCRATCH", tmp_path)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    assert sum(map(len, bench.Bank(700))) == 700
+    norms = np.linalg.norm(np.concatenate(list(bench.Bank(700))), axis=1)
+    np.testing.assert_allclose(norms, 1, rtol=1e-5)
+    flat = bench.run_case("flat", 700)
+    ivf = bench.run_case("ivf", 700)
+    assert flat["searches"][0]["recall_at_10"] == 1.0
+    assert ivf["settings"]["nlist"] == 17 and len(ivf["searches"]) == 2
+    assert 0 < ivf["searches"][1]["recall_at_1"] <= 1
+    for case in (flat, ivf):
+        (tmp_path / f"index_bank_{case['kind']}_700.json").write_text(json.dumps(case))
+    assert "| 700 | ivf | nlist=17" in bench.render()
