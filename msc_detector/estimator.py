@@ -512,7 +512,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like, tensor, list or None, default=None
-            Query images. ``None`` queries the training images, each excluding itself.
+            Query images. ``None`` queries the training images, each excluding itself
+            (as the index holds them: decoded codes for a compressing ``index``).
         n_neighbors : int, optional
             Defaults to the ``n_neighbors`` parameter.
         return_distance : bool, default=True
