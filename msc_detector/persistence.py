@@ -492,12 +492,6 @@ def _metadata_and_arrays(
     }
     found = {name: (str(array.dtype), array.shape) for name, array in arrays.items()}
     index = metadata.get("index", {"kind": "flat", "dim": dim, "ntotal": n})
-    if (index["dim"], index["ntotal"]) != (dim, n):
-        raise _error(
-            where,
-            f"{METADATA} describes an index of {index['ntotal']} vectors of width "
-            f"{index['dim']}; the detector has {n} of width {dim}.",
-        )
     if index["kind"] != "flat":
         del expected["index_vectors"]
         blob = arrays.get("index_faiss")
@@ -512,6 +506,12 @@ def _metadata_and_arrays(
             raise _error(where, f"{ARRAYS} has train_paths that do not hold {n} paths.")
     if found != expected:
         raise _error(where, f"{ARRAYS} holds {found}; the metadata implies {expected}.")
+    if (index["dim"], index["ntotal"]) != (dim, n):
+        raise _error(
+            where,
+            f"{METADATA} describes an index of {index['ntotal']} vectors of width "
+            f"{index['dim']}; the detector has {n} of width {dim}.",
+        )
     if infinite := [name for name, array in arrays.items() if not np.isfinite(array).all()]:
         raise _error(where, f"{ARRAYS} holds non-finite values in {infinite}.")
     return metadata, arrays
