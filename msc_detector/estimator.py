@@ -21,7 +21,7 @@ from msc_detector.backbones import BackboneSpec, PreprocessConfig, create_backbo
 from msc_detector.data import ImageSource, PathSource, ResizedImages, as_image_source
 from msc_detector.data import auto_image_size as _auto_image_size
 from msc_detector.embedding import Embedder, View, join_views
-from msc_detector.index import KNNIndex
+from msc_detector.index import IndexSpec, KNNIndex
 from msc_detector.losses import LOSSES
 from msc_detector.runtime import PRECISIONS, Precision, Runtime, land_runtime
 from msc_detector.training import TrainConfig, fine_tune, mean_center
@@ -90,6 +90,22 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Temperature of the contrastive losses.
     n_neighbors : int, default=2
         Neighbours summed in the anomaly score.
+    index : str, default="flat"
+        The kNN index of the training embeddings. ``"flat"``: exact search, memory
+        ``4 d`` bytes per image. For large banks, approximate ones: ``"ivf"`` (search
+        ``nprobe`` of ``nlist`` clusters of full vectors), ``"ivfpq"`` (the same over
+        compressed codes of ``pq_m`` bytes per image; distances are estimates),
+        ``"hnsw"`` (a neighbour graph; fast search, slow build), or any Faiss
+        ``index_factory`` string with the L2 metric, such as ``"IVF4096,SQ8"``.
+    index_params : dict or None, default=None
+        Settings of the index, each a positive int; unset ones scale with the number
+        of training images ``n``. Build settings (read by ``fit``): ``nlist`` (default
+        ``4 sqrt(n)``), ``train_size`` (the training sample, default
+        ``max(20000, 40 nlist)``), ``pq_m`` (default ``d / 16``), ``pq_nbits`` (8),
+        ``M`` (HNSW links, 32), ``efConstruction`` (40). Search settings, read by every
+        search, so ``set_params`` changes them without refitting: ``nprobe`` (default
+        ``sqrt(nlist)``; larger is slower and nearer exact) and ``efSearch`` (64). The
+        user guide gives their costs.
     flip_average : bool or "auto", default="auto"
         Embed every image together with its left-right mirror and keep the
         normalised mean, so an image and its mirror score the same; it doubles the
@@ -145,7 +161,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Turns images into the embeddings the index holds: views, networks, flips,
         preprocessing, device and precision.
     index_ : KNNIndex
-        Faiss index of the normalised training embeddings.
+        Faiss index of the normalised training embeddings, built as ``index`` and
+        ``index_params`` said at ``fit``; ``train_scores_`` and ``offset_`` come from
+        its search settings then.
     center_ : ndarray of shape (n_features,)
         Mean of the normalised pretrained embeddings of the training images.
     offset_ : float
@@ -202,6 +220,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "temperature": [Interval(Real, 0, None, closed="neither")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "index": [str],
+        "index_params": [dict, None],
         "flip_average": ["boolean", StrOptions({"auto"})],
         "nearest_view": ["boolean", StrOptions({"auto"})],
         "image_size": [Interval(Integral, 16, 4096, closed="both"), StrOptions({"auto"}), None],
@@ -230,6 +250,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         weight_decay: float = 5e-5,
         temperature: float = 0.25,
         n_neighbors: int = 2,
+        index: str = "flat",
+        index_params: dict[str, int] | None = None,
         flip_average: bool | str = "auto",
         nearest_view: bool | str = "auto",
         image_size: int | str | None = None,
@@ -254,6 +276,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.temperature = temperature
         self.n_neighbors = n_neighbors
+        self.index = index
+        self.index_params = index_params
         self.flip_average = flip_average
         self.nearest_view = nearest_view
         self.image_size = image_size
@@ -289,6 +313,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             fitted detector keeps its state.
         """
         self._validate_params()
+        self._index_spec()
         source = as_image_source(X)
         if len(source) < self.n_neighbors + 1:
             raise ValueError(
@@ -321,6 +346,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             views.append(View("nearest", _frozen_copy(network) if trains else network))
         flip = _resolve_auto(self.flip_average, small)
         embedder = Embedder(views, spec, size, crop_pct, flip, runtime)
+        self._index_spec().check(len(source), spec.num_features * len(views))  # before work
         workers = self._num_workers(source)
         images = ResizedImages(
             source,
@@ -372,7 +398,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
                 raise FloatingPointError(_DIVERGED.format(what="network weights"))
             own = latest["own"] if latest["epoch"] == self.epochs else embed_own()
-        return {**common, **self._index_state(join_views([own, *fixed])), "history_": history}
+        return {
+            **common,
+            **self._index_state(join_views([own, *fixed]), runtime.device.type == "cuda"),
+            "history_": history,
+        }
 
     def _train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -387,11 +417,19 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             verbose=bool(self.verbose),
         )
 
-    def _index_state(self, embeddings: np.ndarray) -> dict[str, Any]:
+    def _index_spec(self) -> IndexSpec:
+        """Return the index to build from ``index`` and ``index_params`` (or a ValueError)."""
+        return IndexSpec(self.index, dict(self.index_params or {}))
+
+    def _index_state(self, embeddings: np.ndarray, gpu: bool = False) -> dict[str, Any]:
         if not np.isfinite(embeddings).all():
             raise FloatingPointError(_DIVERGED.format(what="embeddings"))
-        index = KNNIndex().fit(embeddings)
-        dists, _ = index.search_leave_self_out(self.n_neighbors)
+        spec = self._index_spec()
+        index = KNNIndex(spec).fit(embeddings)
+        # The embeddings themselves are the queries: exact even where the index compresses.
+        dists, _ = index.search_leave_self_out(
+            self.n_neighbors, embeddings, spec.search_settings(), gpu=gpu
+        )
         train_scores = -dists.sum(axis=1, dtype=np.float64)
         offset = float(np.percentile(train_scores, 100.0 * self.contamination))
         return {"index_": index, "train_scores_": train_scores, "offset_": offset}
@@ -438,6 +476,19 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             )
         return int(k)
 
+    def _search_settings(self) -> dict[str, int]:
+        """``nprobe``/``efSearch`` of ``index_params``, read at every search (set_params)."""
+        params = self.index_params
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"index_params must be a dict or None; got {params!r}.")
+        return self.index_.check_settings(params or {})
+
+    @property
+    def _gpu(self) -> bool:
+        """Whether searches may use a GPU: where the networks run on CUDA."""
+        embedder = self.__dict__.get("embedder_")
+        return embedder is not None and embedder.runtime.device.type == "cuda"
+
     def transform(self, X: Any) -> np.ndarray:
         """Embed images with the fitted network.
 
@@ -461,7 +512,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like, tensor, list or None, default=None
-            Query images. ``None`` queries the training images, each excluding itself.
+            Query images. ``None`` queries the training images, each excluding itself
+            (as the index holds them: decoded codes for a compressing ``index``).
         n_neighbors : int, optional
             Defaults to the ``n_neighbors`` parameter.
         return_distance : bool, default=True
@@ -475,10 +527,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             Positions in the training set.
         """
         k = self._neighbours(n_neighbors, leave_self_out=X is None)
+        settings, gpu = self._search_settings(), self._gpu
         if X is None:
-            sq, idx = self.index_.search_leave_self_out(k)
+            sq, idx = self.index_.search_leave_self_out(k, settings=settings, gpu=gpu)
         else:
-            parts = [self.index_.search(chunk, k) for chunk in self._embed_chunks(X)]
+            parts = [self.index_.search(c, k, settings, gpu) for c in self._embed_chunks(X)]
             sq, idx = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         dist = np.sqrt(np.maximum(sq, 0.0))
         return (dist, idx) if return_distance else idx
@@ -497,8 +550,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             Higher means more normal.
         """
         k = self._neighbours(None, leave_self_out=False)
+        settings, gpu = self._search_settings(), self._gpu
         scores = [
-            -self.index_.search(chunk, k)[0].sum(axis=1, dtype=np.float64)
+            -self.index_.search(chunk, k, settings, gpu)[0].sum(axis=1, dtype=np.float64)
             for chunk in self._embed_chunks(X)
         ]
         return np.concatenate(scores)

@@ -1,32 +1,280 @@
-"""A small wrapper around an exact Faiss L2 index: build, chunked search, leave-self-out.
+"""Faiss kNN indexes under squared L2: build in chunks, search, leave-self-out, serialise.
 
-The index lives on the CPU. Searches move it to a GPU only when ``faiss-gpu`` is
-installed and a GPU is asked for; pickling goes through ``faiss.serialize_index``.
+An :class:`IndexSpec` names the index (``"flat"``, ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` or a
+Faiss ``index_factory`` string) and its build and search settings; a :class:`KNNIndex`
+builds it from one array or from chunks, so a bank larger than memory as float32 can be
+indexed in a compressed form. The fitted index lives on the CPU. Search settings
+(``nprobe``, ``efSearch``) are passed to each search as Faiss search parameters, so a
+search never changes the fitted index. Searches move a copy to a GPU only when
+``faiss-gpu`` is installed and a GPU is asked for; pickling goes through
+``faiss.serialize_index``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
 
-__all__ = ["KNNIndex"]
+__all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex"]
+
+logger = logging.getLogger(__name__)
+
+#: The named index kinds; any other string is read as a Faiss ``index_factory`` string.
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+_SEARCH_KEYS = ("nprobe", "efSearch")
+# The settings each kind reads; a factory string reads train_size and the search settings
+# that its index has (checked when it is built).
+_KEYS = {
+    "flat": (),
+    "ivf": ("nlist", "train_size", "nprobe"),
+    "ivfpq": ("nlist", "pq_m", "pq_nbits", "train_size", "nprobe"),
+    "hnsw": ("M", "efConstruction", "efSearch"),
+    "factory": ("train_size", *_SEARCH_KEYS),
+}
+_ALL_KEYS = ("nlist", "pq_m", "pq_nbits", "M", "efConstruction", "train_size", *_SEARCH_KEYS)
+_KINDS_TEXT = (
+    "'flat', 'ivf', 'ivfpq', 'hnsw' or a Faiss index_factory string such as 'IVF256,Flat'"
+)
+_EF_SEARCH, _EF_CONSTRUCTION = 64, 40  # HNSW defaults, also for factory strings
+_MISSING = -1  # the id Faiss gives where it found fewer than k neighbours
+_faiss: Any = faiss  # Faiss's type stubs lack the search-parameter classes
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-class KNNIndex:
-    """Exact nearest neighbours under squared L2 distance.
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= 1)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What index to build and how to search it.
 
     Parameters
     ----------
+    kind : str, default="flat"
+        ``"flat"`` (exact), ``"ivf"`` (inverted lists of full vectors), ``"ivfpq"``
+        (inverted lists of product-quantised codes), ``"hnsw"`` (a neighbour graph of full
+        vectors), or any Faiss ``index_factory`` string (L2 metric).
+    params : dict, default={}
+        Build settings ``nlist``, ``train_size``, ``pq_m``, ``pq_nbits``, ``M``,
+        ``efConstruction`` and search settings ``nprobe``, ``efSearch``, each a positive
+        int, only those the kind reads; the rest default from the bank size
+        (:meth:`resolve`).
+    """
+
+    kind: str = "flat"
+    params: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind.strip():
+            raise ValueError(f"index must be {_KINDS_TEXT}; got {self.kind!r}.")
+        if not isinstance(self.params, Mapping):
+            raise ValueError(
+                "index_params must be a dict of settings or None; got "
+                f"{type(self.params).__name__}."
+            )
+        for key, value in self.params.items():
+            if key not in _ALL_KEYS:
+                raise ValueError(
+                    f"index_params has the unknown setting {key!r}; the settings are "
+                    f"{', '.join(_ALL_KEYS)}."
+                )
+            if key not in _KEYS[self.family]:
+                raise ValueError(
+                    f"index_params[{key!r}] does not apply to index={self.kind!r}, which reads "
+                    f"{', '.join(_KEYS[self.family]) or 'no settings'}. Remove it."
+                )
+            if not _positive_int(value):
+                raise ValueError(f"index_params[{key!r}] must be a positive int; got {value!r}.")
+
+    @property
+    def family(self) -> str:
+        """The kind, or ``"factory"`` for a Faiss factory string."""
+        return self.kind if self.kind in INDEX_KINDS else "factory"
+
+    @property
+    def exact(self) -> bool:
+        """Whether searches are exact (the flat index)."""
+        return self.kind == "flat"
+
+    @property
+    def trains(self) -> bool:
+        """Whether building needs a training sample (all kinds but flat and hnsw)."""
+        return self.family in ("ivf", "ivfpq", "factory")
+
+    def search_settings(self) -> dict[str, int]:
+        """Return the search settings given in ``params`` (``nprobe``, ``efSearch``)."""
+        return {k: int(v) for k, v in self.params.items() if k in _SEARCH_KEYS}
+
+    def resolve(self, n: int, dim: int) -> dict[str, int]:
+        """Every setting the kind reads, for ``n`` vectors of ``dim`` floats.
+
+        Defaults: ``nlist = 4 sqrt(n)`` (at most ``n / 39``, at least 1);
+        ``train_size = min(n, max(20000, 40 nlist))``; ``nprobe = ceil(sqrt(nlist))``;
+        ``pq_m`` the largest divisor of ``dim`` up to ``dim / 16`` (16 floats per byte
+        of code); ``pq_nbits = 8`` (fewer below 39 training vectors per code word); ``M = 32``,
+        ``efConstruction = 40``, ``efSearch = 64``.
+        """
+        p = dict(self.params)
+        out: dict[str, int] = {}
+        family = self.family
+        if family in ("ivf", "ivfpq"):
+            out["nlist"] = p.get("nlist", max(1, min(round(4 * math.sqrt(n)), n // 39)))
+            out["nprobe"] = p.get("nprobe", math.ceil(math.sqrt(out["nlist"])))
+        if self.trains:
+            default_train = max(20_000, 40 * out.get("nlist", 0))
+            out["train_size"] = min(n, p.get("train_size", default_train))
+        if family == "ivfpq":
+            out["pq_m"] = p.get(
+                "pq_m", max(m for m in range(1, max(1, dim // 16) + 1) if dim % m == 0)
+            )
+            out["pq_nbits"] = p.get(
+                "pq_nbits", max(1, min(8, int(math.log2(max(out["train_size"] / 39, 2)))))
+            )
+        if family == "hnsw":
+            out.update(M=32, efConstruction=_EF_CONSTRUCTION, efSearch=_EF_SEARCH)
+            out.update({k: v for k, v in p.items() if k in out})
+        if family == "factory":
+            out.update(self.search_settings())
+        return out
+
+    def factory_string(self, n: int, dim: int) -> str:
+        """Return the Faiss ``index_factory`` string of this spec for ``n`` vectors of ``dim``."""
+        s = self.resolve(n, dim)
+        return {
+            "flat": "Flat",
+            "ivf": f"IVF{s.get('nlist')},Flat",
+            "ivfpq": f"IVF{s.get('nlist')},PQ{s.get('pq_m')}x{s.get('pq_nbits')}",
+            "hnsw": f"HNSW{s.get('M')},Flat",
+        }.get(self.family, self.kind)
+
+    def check(self, n: int, dim: int) -> None:
+        """Raise a ``ValueError`` saying what to change if Faiss cannot build this spec."""
+        _new_index(self, n, dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"kind": str, "params": {str: int}}``."""
+        return {"kind": self.kind, "params": {k: int(v) for k, v in self.params.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IndexSpec:
+        """Inverse of :meth:`to_dict` (validates like the constructor)."""
+        return cls(str(data["kind"]), dict(data.get("params") or {}))
+
+
+def _new_index(spec: IndexSpec, n: int, dim: int) -> Any:
+    """Build an empty Faiss index for ``spec``; a ``ValueError`` says what to change."""
+    string = spec.factory_string(n, dim)
+    settings = spec.resolve(n, dim)
+    if spec.family == "ivfpq" and dim % settings["pq_m"]:
+        raise ValueError(
+            f"index_params['pq_m']={settings['pq_m']} must divide the embedding width {dim}."
+        )
+    try:
+        index = faiss.index_factory(dim, string, faiss.METRIC_L2)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise ValueError(
+            f"index={spec.kind!r} gives the Faiss index_factory string {string!r}, which Faiss "
+            f"cannot build for {dim}-dimensional embeddings ({reason}). Use {_KINDS_TEXT}."
+        ) from exc
+    if spec.family == "factory" and index.metric_type != faiss.METRIC_L2:
+        raise ValueError(f"index={spec.kind!r} must use the L2 metric; drop its metric option.")
+    knobs = _knobs(index, n)
+    if unusable := [key for key in spec.search_settings() if key not in knobs]:
+        raise ValueError(
+            f"index_params[{unusable[0]!r}] does not apply to index={spec.kind!r}, whose Faiss "
+            f"index reads {', '.join(knobs) or 'no search settings'}. Remove it."
+        )
+    # The search defaults live in the fitted index; per-search settings override them.
+    if "nprobe" in knobs:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = settings.get("nprobe", math.ceil(math.sqrt(ivf.nlist)))
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        hnsw.hnsw.efSearch = settings.get("efSearch", _EF_SEARCH)
+        hnsw.hnsw.efConstruction = settings.get("efConstruction", _EF_CONSTRUCTION)
+    return index
+
+
+def _unwrap(index: Any) -> Any:
+    """Return the index a pre-transform or refinement wraps, else the index itself."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return _unwrap(index.index)
+    if isinstance(index, faiss.IndexRefine):
+        return _unwrap(index.base_index)
+    return index
+
+
+def _hnsw_of(index: Any) -> Any:
+    """Return the HNSW index in ``index`` (itself or an IVF's quantizer), or None."""
+    inner = _unwrap(index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner = faiss.downcast_index(inner.quantizer)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def _knobs(index: Any, ntotal: int) -> dict[str, tuple[int, int]]:
+    """Search settings ``index`` reads: name -> (current value, value that searches widest)."""
+    knobs = {}
+    inner = _unwrap(index)
+    if isinstance(inner, faiss.IndexIVF):
+        knobs["nprobe"] = (int(inner.nprobe), int(inner.nlist))
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        knobs["efSearch"] = (int(hnsw.hnsw.efSearch), max(int(hnsw.ntotal), ntotal, 1))
+    return knobs
+
+
+def _search_parameters(index: Any, settings: Mapping[str, int]) -> Any:
+    """Build Faiss per-search parameters that apply ``settings`` to ``index``, or None."""
+    if not settings:
+        return None
+    index = faiss.downcast_index(index)
+    params: Any = None
+    if isinstance(index, faiss.IndexPreTransform):
+        params = _faiss.SearchParametersPreTransform()
+        params.index_params = _search_parameters(index.index, settings)
+        params.referenced_objects = [params.index_params]  # Faiss keeps a raw pointer
+    elif isinstance(index, faiss.IndexRefine):
+        params = _faiss.IndexRefineSearchParameters()
+        params.base_index_params = _search_parameters(index.base_index, settings)
+        params.k_factor = index.k_factor
+        params.referenced_objects = [params.base_index_params]
+    elif isinstance(index, faiss.IndexIVF):
+        params = _faiss.SearchParametersIVF()
+        params.nprobe = int(settings.get("nprobe", index.nprobe))
+        params.quantizer_params = _search_parameters(index.quantizer, settings)
+        params.referenced_objects = [params.quantizer_params]
+    elif isinstance(index, faiss.IndexHNSW):
+        params = _faiss.SearchParametersHNSW()
+        params.efSearch = int(settings.get("efSearch", index.hnsw.efSearch))
+    return params
+
+
+class KNNIndex:
+    """Nearest neighbours under squared L2 distance, exact or approximate.
+
+    Parameters
+    ----------
+    spec : IndexSpec or None, default=None
+        The index to build; ``None``: the exact flat index.
     chunk_size : int, default=16384
-        Number of queries searched at once, which bounds the memory of a search.
-    use_gpu : bool, default=False
-        Search on GPU 0 when Faiss was built with GPU support.
+        Vectors searched (and added) at once, which bounds the memory of a search.
+    seed : int, default=0
+        Seeds the draw of the training sample.
 
     Attributes
     ----------
@@ -34,11 +282,18 @@ class KNNIndex:
         The CPU index after :meth:`fit`.
     """
 
-    def __init__(self, chunk_size: int = 16384, use_gpu: bool = False) -> None:
+    def __init__(
+        self,
+        spec: IndexSpec | None = None,
+        chunk_size: int = 16384,
+        seed: int = 0,
+    ) -> None:
+        self.spec = IndexSpec() if spec is None else spec
         self.chunk_size = chunk_size
-        self.use_gpu = use_gpu
+        self.seed = seed
         self.index: Any = None
         self._search_index: Any = None
+        self._lock = threading.Lock()
 
     @property
     def ntotal(self) -> int:
@@ -50,82 +305,305 @@ class KNNIndex:
         """Dimension of the indexed vectors."""
         return int(self.index.d)
 
-    def fit(self, vectors: np.ndarray) -> KNNIndex:
-        """Index ``vectors`` of shape ``(n, d)``."""
-        vectors = _as_float32(vectors)
-        index = faiss.IndexFlatL2(vectors.shape[1])
-        index.add(vectors)
+    @property
+    def faiss_class(self) -> str:
+        """Name of the Faiss index class, such as ``"IndexIVFFlat"``."""
+        return type(faiss.downcast_index(self.index)).__name__
+
+    # ------------------------------------------------------------------ building
+
+    def fit(
+        self, vectors: np.ndarray | Iterable[np.ndarray], total: int | None = None
+    ) -> KNNIndex:
+        """Index one ``(n, d)`` array, or chunks of it without joining them.
+
+        Parameters
+        ----------
+        vectors : ndarray of shape (n, d), or iterable of such arrays
+            The vectors, in the order their ids follow. An iterable must give the same
+            chunks each time it is iterated: approximate kinds read it once to count
+            (unless ``total`` is given), once to draw the training sample and once to add.
+        total : int, optional
+            Number of vectors in ``vectors`` when it is an iterable, which saves a pass.
+
+        Returns
+        -------
+        self : KNNIndex
+        """
+        if isinstance(vectors, np.ndarray):
+            array = _as_float32(vectors)
+            if array.ndim != 2:
+                raise ValueError(f"vectors must be 2-D (n, d); got shape {array.shape}.")
+            chunks: Iterable[np.ndarray] = [
+                array[s : s + self.chunk_size] for s in range(0, len(array), self.chunk_size)
+            ]
+            total = len(array)
+            if self.spec.exact:
+                chunks = [array]  # one add: the flat index copies it once
+        else:
+            chunks = vectors
+            if iter(chunks) is chunks:
+                raise TypeError(
+                    "vectors must be an array or an iterable that can be read more than once "
+                    "(a list, or an object whose __iter__ starts again); got a one-pass iterator."
+                )
+        if total is None:
+            total = sum(len(chunk) for chunk in chunks)
+        first = next((c for c in chunks if len(c)), None)
+        if first is None or total < 1:
+            raise ValueError("There are no vectors to index.")
+        dim = int(np.shape(first)[1])
+        index = _new_index(self.spec, total, dim)
+        if not index.is_trained:
+            train_size = self.spec.resolve(total, dim)["train_size"]
+            index.train(_sample(chunks, train_size, self.seed))
+        _keep_ids(index)
+        added = 0
+        for chunk in chunks:
+            chunk = _as_float32(chunk)
+            if chunk.ndim != 2 or chunk.shape[1] != dim:
+                raise ValueError(f"Every chunk must have shape (m, {dim}); got {chunk.shape}.")
+            try:
+                index.add(chunk)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"Faiss cannot add vectors to index={self.spec.kind!r} "
+                    f"({str(exc).strip().splitlines()[-1]}). Use {_KINDS_TEXT}."
+                ) from exc
+            added += len(chunk)
+        if added != total:
+            raise ValueError(f"The chunks hold {added} vectors, not total={total}.")
         self.index = index
         self._search_index = None
         return self
 
     def vectors(self) -> np.ndarray:
-        """Return the indexed vectors, ``(ntotal, dim)`` float32, in the order added."""
+        """Return the indexed vectors, ``(ntotal, dim)`` float32, in the order added.
+
+        Exact for flat, IVF and HNSW indexes; a PQ index gives back its decoded codes.
+        """
         if self.index is None:
             raise RuntimeError("The index is empty; call fit first.")
-        return self.index.reconstruct_n(0, self.ntotal)
+        try:
+            return self.index.reconstruct_n(0, self.ntotal)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"The Faiss index {self.faiss_class} cannot give back its vectors."
+            ) from exc
 
-    def _searcher(self) -> Any:
-        if self._search_index is None:
-            self._search_index = self.index
-            if self.use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus():
-                self._gpu_resources = faiss.StandardGpuResources()
-                self._search_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
-        return self._search_index
+    # ------------------------------------------------------------------ searching
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _searcher(self, gpu: bool) -> Any:
+        """Return the index to search: the fitted one, or its GPU copy (made once)."""
+        if not (gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus()):
+            return self.index
+        with self._lock:
+            if self._search_index is None:
+                self._search_index = self.index
+                try:
+                    self._gpu_resources = faiss.StandardGpuResources()
+                    self._search_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+                except RuntimeError as exc:  # e.g. HNSW, or a PQ size the GPU lacks
+                    logger.info("Searching %s on the CPU: %s", self.faiss_class, exc)
+            return self._search_index
+
+    def check_settings(self, settings: Mapping[str, int]) -> dict[str, int]:
+        """Validate ``settings`` against the fitted index; return its search settings.
+
+        Build settings are accepted and left out: they apply to the next build.
+        """
+        knobs = _knobs(self.index, self.ntotal)
+        for key, value in settings.items():
+            if key not in _ALL_KEYS:
+                raise ValueError(
+                    f"index_params has the unknown setting {key!r}; the settings are "
+                    f"{', '.join(_ALL_KEYS)}."
+                )
+            if key not in _SEARCH_KEYS:
+                continue
+            if key not in knobs:
+                raise ValueError(
+                    f"index_params[{key!r}] does not apply to the fitted {self.faiss_class}, "
+                    f"which reads {', '.join(knobs) or 'no search settings'}. Remove it."
+                )
+            if not _positive_int(value):
+                raise ValueError(f"index_params[{key!r}] must be a positive int; got {value!r}.")
+        return {k: int(v) for k, v in settings.items() if k in _SEARCH_KEYS}
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        settings: Mapping[str, int] | None = None,
+        gpu: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Return squared distances and indices of the ``k`` nearest indexed vectors.
 
         Parameters
         ----------
         queries : ndarray of shape (m, d)
         k : int
+        settings : dict, optional
+            ``nprobe`` and ``efSearch`` for this search instead of the fitted ones. Where an
+            approximate search finds fewer than ``k`` neighbours, those queries are
+            searched again more widely, so every row is complete.
+        gpu : bool, default=False
+            Search a GPU copy of a flat or IVF index on GPU 0 where Faiss has GPU
+            support (other indexes, and machines without one, search on the CPU).
 
         Returns
         -------
         distances : ndarray of shape (m, k), float32
-            Squared L2 distances, ascending.
+            Squared L2 distances, ascending (estimated from codes by PQ indexes).
         indices : ndarray of shape (m, k), int64
         """
         if self.index is None:
             raise RuntimeError("The index is empty; call fit first.")
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the {self.ntotal} indexed vectors.")
+        settings = self.check_settings(settings or {})
         queries = _as_float32(queries)
-        searcher = self._searcher()
         dists, idx = [], []
         for start in range(0, len(queries), self.chunk_size):
-            d, i = searcher.search(queries[start : start + self.chunk_size], k)
+            chunk = queries[start : start + self.chunk_size]
+            d, i = self._search_complete(chunk, k, settings, gpu)
             dists.append(d)
             idx.append(i)
         if not dists:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
         return np.concatenate(dists), np.concatenate(idx)
 
-    def search_leave_self_out(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_once(
+        self, queries: np.ndarray, k: int, settings: Mapping[str, int], gpu: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        params = _search_parameters(self.index, settings)
+        searcher = self._searcher(gpu)
+        if params is None:
+            return searcher.search(queries, k)
+        return searcher.search(queries, k, params=params)
+
+    def _search_complete(
+        self,
+        queries: np.ndarray,
+        k: int,
+        settings: Mapping[str, int],
+        gpu: bool,
+        exclude: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search, then search again more widely the rows with fewer than ``k`` results.
+
+        With ``exclude`` (an id per query), that id is removed from the query's row.
+        """
+        knobs = _knobs(self.index, self.ntotal)
+        current = {name: settings.get(name, value) for name, (value, _) in knobs.items()}
+        extra = 0 if exclude is None else 1
+        want = min(k + extra, self.ntotal)
+        out_d = np.empty((len(queries), k), np.float32)
+        out_i = np.empty((len(queries), k), np.int64)
+        todo = np.arange(len(queries))
+        while True:
+            d, i = self._search_once(queries[todo], want, current, gpu)
+            valid = i != _MISSING
+            if exclude is not None:
+                valid &= i != exclude[todo, None]
+            full = valid.sum(axis=1) >= k
+            for row in np.flatnonzero(full):
+                keep = np.flatnonzero(valid[row])[:k]
+                out_d[todo[row]], out_i[todo[row]] = d[row, keep], i[row, keep]
+            todo = todo[~full]
+            if not len(todo):
+                return out_d, out_i
+            wider = {name: min(limit, 4 * current[name]) for name, (_, limit) in knobs.items()}
+            if wider != current:  # probe more lists, visit more graph nodes
+                current = wider
+            elif want < self.ntotal:  # a self match hidden behind duplicates: more results
+                want = min(2 * want, self.ntotal)
+            else:
+                raise RuntimeError(
+                    f"The {self.faiss_class} index returned fewer than {k} neighbours for "
+                    f"{len(todo)} queries even at its widest search settings."
+                )
+
+    def search_leave_self_out(
+        self,
+        k: int,
+        queries: np.ndarray | None = None,
+        settings: Mapping[str, int] | None = None,
+        gpu: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Neighbours of each indexed vector among the *other* indexed vectors.
 
-        Queries ``k + 1`` neighbours and removes the vector itself; where exact
-        duplicates hide the self match, the farthest neighbour is dropped instead.
+        Searches ``k + 1`` neighbours and removes the vector's own id; a row is never
+        given itself. Where exact duplicates hide the self match, the farthest
+        neighbour is dropped instead; where an approximate search misses neighbours,
+        the row is searched again more widely.
+
+        Parameters
+        ----------
+        k : int
+        queries : ndarray of shape (ntotal, d), optional
+            The indexed vectors in order, where the caller has them (exact also for PQ
+            indexes); default: :meth:`vectors`.
+        settings, gpu
+            As in :meth:`search`.
 
         Returns
         -------
-        distances, indices : ndarray of shape (n, k)
+        distances, indices : ndarray of shape (ntotal, k)
         """
         if k + 1 > self.ntotal:
             raise ValueError(f"Leave-self-out with k={k} needs at least {k + 1} indexed vectors.")
-        dists, idx = self.search(self.vectors(), k + 1)
-        is_self = idx == np.arange(len(idx))[:, None]
-        # Rows without a self match drop their last (farthest) column.
-        is_self[~is_self.any(axis=1), -1] = True
-        # If several columns claim self (impossible) keep only the first.
-        keep = ~is_self
-        return dists[keep].reshape(-1, k), idx[keep].reshape(-1, k)
+        settings = self.check_settings(settings or {})
+        queries = self.vectors() if queries is None else _as_float32(queries)
+        if len(queries) != self.ntotal:
+            raise ValueError(f"queries must hold the {self.ntotal} indexed vectors in order.")
+        own = np.arange(self.ntotal, dtype=np.int64)
+        dists, idx = [], []
+        for start in range(0, self.ntotal, self.chunk_size):
+            stop = start + self.chunk_size
+            d, i = self._search_complete(queries[start:stop], k, settings, gpu, own[start:stop])
+            dists.append(d)
+            idx.append(i)
+        return np.concatenate(dists), np.concatenate(idx)
+
+    # ------------------------------------------------------------------ storing
+
+    def describe(self) -> dict[str, Any]:
+        """Return the spec, Faiss class, width and size, for a model file's metadata."""
+        return {
+            **self.spec.to_dict(),
+            "faiss_class": self.faiss_class,
+            "dim": self.dim,
+            "ntotal": self.ntotal,
+        }
+
+    def to_bytes(self) -> np.ndarray:
+        """Return the fitted index as ``faiss.serialize_index`` bytes (a uint8 array)."""
+        return faiss.serialize_index(self.index)
+
+    @classmethod
+    def from_bytes(
+        cls, blob: np.ndarray, spec: IndexSpec, faiss_class: str, dim: int, ntotal: int
+    ) -> KNNIndex:
+        """Rebuild from :meth:`to_bytes`; check the class, width and size it must have."""
+        knn = cls(spec)
+        try:
+            knn.index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
+        except RuntimeError as exc:
+            raise ValueError(f"the Faiss index bytes do not parse ({exc}).") from exc
+        found = (knn.faiss_class, int(knn.index.d), knn.ntotal)
+        if found != (faiss_class, dim, ntotal):
+            raise ValueError(
+                f"the Faiss index is a {found[0]} of {found[2]} vectors of width {found[1]}; "
+                f"expected a {faiss_class} of {ntotal} vectors of width {dim}."
+            )
+        return knn
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = {
+            "spec": self.spec.to_dict(),
             "chunk_size": self.chunk_size,
-            "use_gpu": self.use_gpu,
+            "seed": self.seed,
             "index": None,
         }
         if self.index is not None:
@@ -133,8 +611,41 @@ class KNNIndex:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.spec = IndexSpec.from_dict(state["spec"])
         self.chunk_size = state["chunk_size"]
-        self.use_gpu = state["use_gpu"]
+        self.seed = state["seed"]
         blob = state["index"]
         self.index = None if blob is None else faiss.deserialize_index(np.asarray(blob))
         self._search_index = None
+        self._lock = threading.Lock()
+
+
+def _keep_ids(index: Any) -> None:
+    """Let an IVF index give back vectors by id (a direct map: 8 bytes per vector)."""
+    with contextlib.suppress(RuntimeError):  # no inverted lists
+        faiss.extract_index_ivf(index).make_direct_map()
+
+
+def _sample(chunks: Iterable[np.ndarray], size: int, seed: int) -> np.ndarray:
+    """Draw a uniform sample of ``size`` vectors from ``chunks``, in their order, in one pass.
+
+    Every vector draws a uniform key from one seeded stream and the ``size`` smallest
+    keys win, so the sample does not depend on how the vectors are chunked.
+    """
+    rng = np.random.default_rng(seed)
+    keys = np.empty(0)
+    positions = np.empty(0, np.int64)
+    kept = np.empty((0, 0), np.float32)
+    seen = 0
+    for chunk in chunks:
+        chunk = _as_float32(chunk)
+        new_keys = rng.random(len(chunk))
+        take = np.argsort(new_keys, kind="stable")[:size]
+        keys = np.concatenate([keys, new_keys[take]])
+        positions = np.concatenate([positions, seen + take])
+        kept = chunk[take] if not len(kept) else np.concatenate([kept, chunk[take]])
+        seen += len(chunk)
+        if len(keys) > size:
+            best = np.argpartition(keys, size - 1)[:size]
+            keys, positions, kept = keys[best], positions[best], kept[best]
+    return np.ascontiguousarray(kept[np.argsort(positions)])

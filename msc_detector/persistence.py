@@ -11,32 +11,50 @@ file rebuilds networks from their timm architecture name and holds no code, so
 and the pickled modules themselves instead.
 :func:`inspect` verifies a file without importing torch, timm or Faiss.
 
-.. rubric:: File format, version 2
+.. rubric:: File format, version 3
 
 A zip archive (``.msc`` by convention) of exactly these members, in this order, stored
 (compressed or encrypted members are refused):
 
 ``manifest.json`` (at most 64 KiB)
-    ``{"format": "msc-detector-model", "format_version": 2, "members": {NAME: {"size":
+    ``{"format": "msc-detector-model", "format_version": 3, "members": {NAME: {"size":
     BYTES, "sha256": HEX}}}`` for the three members below.
 ``metadata.json`` (at most 16 MiB)
     A JSON object with exactly the keys of :data:`METADATA_SCHEMA`: ``estimator`` (never
     imported), ``created`` (UTC, ISO 8601), ``versions`` (of the libraries at saving),
     ``params`` (``get_params(deep=False)``, with ``null`` for what JSON cannot hold;
-    ``preprocess`` may be an object of its fields),
+    ``preprocess`` and ``index_params`` may be objects of their fields),
     ``backbone_spec`` (:meth:`BackboneSpec.to_dict
-    <msc_detector.backbones.BackboneSpec.to_dict>`) and ``fitted`` (:data:`FITTED`).
+    <msc_detector.backbones.BackboneSpec.to_dict>`), ``fitted`` (:data:`FITTED`) and
+    ``index``: ``{"kind": STR, "params": {STR: INT}, "faiss_class": STR, "dim": D,
+    "ntotal": N}``, the index as built (:meth:`IndexSpec.to_dict
+    <msc_detector.index.IndexSpec.to_dict>`) and the Faiss class, width and size it has.
 ``arrays.safetensors``
     ``center_`` (float32, ``(F,)``), ``train_scores_`` (float64, ``(N,)``) and the
-    vectors of the exact L2 index, ``index_vectors`` (float32, ``(N, D)``), all finite;
-    where the training images were files, also ``train_paths`` (uint8: the ``N`` paths
-    as file-system bytes, each followed by a NUL byte);
+    index, all finite: for ``kind`` ``"flat"`` its vectors, ``index_vectors`` (float32,
+    ``(N, D)``), from which the exact index is rebuilt; for the approximate kinds its
+    ``faiss.serialize_index`` bytes, ``index_faiss`` (uint8, ``(B,)``), whose
+    deserialised class, width and size must match ``index``. Where the training images
+    were files, also ``train_paths`` (uint8: the ``N`` paths as file-system bytes, each
+    followed by a NUL byte);
     ``F = backbone_spec.num_features``, ``N = fitted.n_train_``, ``D = F``, or ``2F``
     where ``fitted.nearest_view_``.
 ``networks.safetensors``
     The fine-tuned headless timm network's state dict under the key prefix
     ``backbone.`` and, where the detector keeps one, the pretrained network's (which
     embeds the nearest view) under ``pretrained.``.
+
+Format 2 (0.1.0) is format 3 without ``metadata.json["index"]``: a flat index.
+
+.. rubric:: Trust
+
+A flat index is read as plain float32 vectors. An approximate index (IVF, PQ, HNSW)
+holds structures that only Faiss can rebuild, so its bytes are handed to Faiss's own
+reader (``faiss.deserialize_index``, never a memory-mapped read). That reader is C++
+written for files one made oneself, not hardened against crafted input: load a model
+file with an approximate index only from a source you trust as you would trust its
+Faiss index file. Storing the inverted lists, codes and graph as arrays and rebuilding
+them would avoid that, at the cost of code for each Faiss structure.
 
 Reading refuses, with a :class:`ModelFileError` that names the problem, anything else:
 a pickle, a damaged archive, a size or SHA-256 that differs from the manifest, JSON
@@ -49,7 +67,7 @@ interrupted save leaves the previous file as it was.
 
 :data:`FORMAT_VERSION` is bumped by any change that an older reader would misread or
 refuse (a member, a key, a dtype, a meaning), and each bump is recorded in
-``CHANGELOG.md``. A release reads every format version written since 0.1.0 (format 2)
+``CHANGELOG.md``. A release reads every format version written since 0.1.0 (formats 2 and 3)
 and refuses newer ones with a message to upgrade. Format 1 was a development format that
 no release wrote; it is refused with a message to fit and save again.
 """
@@ -84,7 +102,9 @@ __all__ += ["decode", "encode", "inspect", "read", "save"]
 
 FORMAT_NAME = "msc-detector-model"
 #: The model-file format this code writes, and the newest it reads.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: The older formats this code reads (see above).
+READ_VERSIONS = (2, 3)
 
 MANIFEST, METADATA = "manifest.json", "metadata.json"
 ARRAYS, NETWORKS = "arrays.safetensors", "networks.safetensors"
@@ -182,12 +202,28 @@ METADATA_SCHEMA: dict[str, Field] = {
         "an object with a positive integer num_features",
     ),
     "fitted": Field(_is(dict), "an object"),
+    "index": Field(
+        _is(
+            dict,
+            test=lambda v: (
+                sorted(v) == ["dim", "faiss_class", "kind", "ntotal", "params"]
+                and _is(str)(v["kind"])
+                and _is(str)(v["faiss_class"])
+                and _mapping(_POSITIVE)(v["params"])
+                and _POSITIVE(v["dim"])
+                and _POSITIVE(v["ntotal"])
+            ),
+        ),
+        "an object of kind, params, faiss_class, dim and ntotal",
+    ),
 }
 _SIZE, _DIGEST = _is(int, test=lambda v: v >= 0), _is(str, test=_SHA256.fullmatch)
 _ENTRY = _is(dict, test=lambda v: _SIZE(v.get("size")) and _DIGEST(v.get("sha256")))
 _MANIFEST_SCHEMA = {
     "format": Field(lambda v: v == FORMAT_NAME, repr(FORMAT_NAME)),
-    "format_version": Field(lambda v: _is(int)(v) and v == FORMAT_VERSION, str(FORMAT_VERSION)),
+    "format_version": Field(
+        lambda v: _is(int)(v) and v in READ_VERSIONS, " or ".join(map(str, READ_VERSIONS))
+    ),
     "members": Field(
         _is(dict, test=lambda m: sorted(m) == sorted(PAYLOAD) and all(map(_ENTRY, m.values()))),
         f'{{NAME: {{"size": BYTES, "sha256": HEX}}}} for each of {list(PAYLOAD)}',
@@ -226,12 +262,16 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
         "params": _json_params(detector.get_params(deep=False))[0],
         "backbone_spec": detector.backbone_spec_.to_dict(),
         "fitted": {name: field.encode(getattr(detector, name)) for name, field in FITTED.items()},
+        "index": detector.index_.describe(),
     }
     arrays: dict[str, np.ndarray] = {
         "center_": np.ascontiguousarray(detector.center_, dtype=np.float32),
         "train_scores_": np.ascontiguousarray(detector.train_scores_, dtype=np.float64),
-        "index_vectors": np.ascontiguousarray(detector.index_.vectors(), dtype=np.float32),
     }
+    if detector.index_.spec.exact:
+        arrays["index_vectors"] = np.ascontiguousarray(detector.index_.vectors(), np.float32)
+    else:
+        arrays["index_faiss"] = detector.index_.to_bytes()
     if detector.train_paths_ is not None:
         joined = b"".join(os.fsencode(path) + b"\0" for path in detector.train_paths_)
         arrays["train_paths"] = np.frombuffer(joined, dtype=np.uint8)
@@ -357,7 +397,7 @@ def decode(
     except (KeyError, TypeError, ValueError) as exc:
         raise _error(where, f"{METADATA} has an invalid backbone_spec ({exc!r}).") from exc
     if networks is not None:
-        return _saved_model(metadata, arrays, spec, *networks)
+        return _saved_model(where, metadata, arrays, spec, *networks)
     if ":" in spec.architecture or not timm.is_model(spec.architecture):  # e.g. "hf-hub:..."
         raise _error(where, f"timm has no {spec.architecture!r} without downloading.")
     tensors = _parse(where, NETWORKS, members[NETWORKS], load_tensors)
@@ -375,10 +415,11 @@ def decode(
         raise _error(where, problem) from exc
     if getattr(backbone, "num_features", None) != spec.num_features:
         raise _error(where, f"{spec.architecture!r} does not have {spec.num_features} features.")
-    return _saved_model(metadata, arrays, spec, backbone, pretrained)
+    return _saved_model(where, metadata, arrays, spec, backbone, pretrained)
 
 
 def _saved_model(
+    where: object,
     metadata: Mapping[str, Any],
     arrays: Mapping[str, np.ndarray],
     spec: BackboneSpec,
@@ -386,8 +427,6 @@ def _saved_model(
     pretrained: nn.Module | None,
 ) -> SavedModel:
     """Assemble a :class:`SavedModel` from checked members and networks."""
-    from msc_detector.index import KNNIndex
-
     params = {  # JSON arrays come back as the tuples they were (preprocess' mean and std)
         name: {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         if isinstance(value, dict)
@@ -401,10 +440,28 @@ def _saved_model(
         pretrained_backbone=pretrained,
         center=arrays["center_"],
         train_scores=arrays["train_scores_"],
-        index=KNNIndex().fit(arrays["index_vectors"]),
+        index=_index(where, metadata, arrays),
         fitted=dict(metadata["fitted"]),
         train_paths=_split_paths(arrays["train_paths"]) if "train_paths" in arrays else None,
     )
+
+
+def _index(
+    where: object, metadata: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> KNNIndex:
+    """Rebuild the index: from its vectors (flat), else from its checked Faiss bytes."""
+    from msc_detector.index import IndexSpec, KNNIndex
+
+    info = metadata.get("index") or {"kind": "flat", "params": {}}  # format 2: flat
+    try:
+        spec = IndexSpec.from_dict(info)
+        if spec.exact:
+            return KNNIndex(spec).fit(arrays["index_vectors"])
+        return KNNIndex.from_bytes(
+            arrays["index_faiss"], spec, info["faiss_class"], info["dim"], info["ntotal"]
+        )
+    except ValueError as exc:
+        raise _error(where, f"its index cannot be rebuilt: {exc}") from exc
 
 
 def _split_paths(joined: np.ndarray) -> list[str]:
@@ -420,7 +477,10 @@ def _metadata_and_arrays(
     from safetensors.numpy import load as load_arrays
 
     metadata = _parse(where, METADATA, members[METADATA], json.loads)
-    _check(where, METADATA, metadata, METADATA_SCHEMA)
+    schema = METADATA_SCHEMA  # format 2 has no index key: a flat index
+    if isinstance(metadata, dict) and "index" not in metadata:
+        schema = {k: v for k, v in METADATA_SCHEMA.items() if k != "index"}
+    _check(where, METADATA, metadata, schema)
     _check(where, f"{METADATA}['fitted']", metadata["fitted"], FITTED)
     arrays = _parse(where, ARRAYS, members[ARRAYS], load_arrays)
     fitted, features = metadata["fitted"], metadata["backbone_spec"]["num_features"]
@@ -431,6 +491,14 @@ def _metadata_and_arrays(
         "index_vectors": ("float32", (n, dim)),
     }
     found = {name: (str(array.dtype), array.shape) for name, array in arrays.items()}
+    index = metadata.get("index", {"kind": "flat", "dim": dim, "ntotal": n})
+    if index["kind"] != "flat":
+        del expected["index_vectors"]
+        blob = arrays.get("index_faiss")
+        expected["index_faiss"] = (
+            "uint8",
+            blob.shape if blob is not None and blob.ndim == 1 else (-1,),
+        )
     if "train_paths" in found:
         paths = arrays["train_paths"]
         expected["train_paths"] = ("uint8", paths.shape)
@@ -438,6 +506,12 @@ def _metadata_and_arrays(
             raise _error(where, f"{ARRAYS} has train_paths that do not hold {n} paths.")
     if found != expected:
         raise _error(where, f"{ARRAYS} holds {found}; the metadata implies {expected}.")
+    if (index["dim"], index["ntotal"]) != (dim, n):
+        raise _error(
+            where,
+            f"{METADATA} describes an index of {index['ntotal']} vectors of width "
+            f"{index['dim']}; the detector has {n} of width {dim}.",
+        )
     if infinite := [name for name, array in arrays.items() if not np.isfinite(array).all()]:
         raise _error(where, f"{ARRAYS} holds non-finite values in {infinite}.")
     return metadata, arrays

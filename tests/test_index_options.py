@@ -1,0 +1,202 @@
+"""MSCDetector's index= and index_params=: fit, score, pickle, save, load, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from msc_detector import ModelFileError, MSCDetector, persistence
+
+# No fine-tuning: the embeddings depend on random_state only, the same for every index.
+FAST = {"weights": None, "image_size": 32, "loss": None, "batch_size": 8, "random_state": 0}
+KINDS = {
+    "ivf": ({"nlist": 4}, "IndexIVFFlat"),
+    "ivfpq": ({"nlist": 2, "pq_m": 16, "pq_nbits": 3}, "IndexIVFPQ"),
+    "hnsw": ({"M": 8}, "IndexHNSWFlat"),
+    "IVF4,SQ8": ({"nprobe": 2}, "IndexIVFScalarQuantizer"),
+}
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(40, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def flat(X) -> MSCDetector:
+    return MSCDetector(**FAST).fit(X)
+
+
+def members_of(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def write_model(path: Path, members: dict[str, bytes], version: int) -> None:
+    """Write members as a model file with a manifest that matches them."""
+    listed = {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in members.items()
+        if name != "manifest.json"
+    }
+    manifest = {"format": "msc-detector-model", "format_version": version, "members": listed}
+    members = {**members, "manifest.json": json.dumps(manifest).encode()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in persistence.MEMBERS:
+            archive.writestr(name, members[name])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_an_approximate_index_fits_scores_pickles_saves_and_loads(kind, X, flat, tmp_path):
+    params, faiss_class = KINDS[kind]
+    det = MSCDetector(index=kind, index_params=params, **FAST).fit(X)
+    assert det.index_.faiss_class == faiss_class and det.index_.ntotal == 40
+    scores = det.score_samples(X[:12])
+    # Leave-self-out: no image is its own neighbour; the training scores use the index.
+    dist, idx = det.kneighbors()
+    assert not (idx == np.arange(40)[:, None]).any() and (idx >= 0).all()
+    if kind in ("ivf", "hnsw"):  # full vectors: kneighbors gives the fit's distances
+        np.testing.assert_allclose(det.train_scores_, -(dist**2).sum(axis=1), rtol=1e-4)
+    agreement = np.corrcoef(scores, flat.score_samples(X[:12]))[0, 1]
+    assert agreement > (0.5 if kind == "ivfpq" else 0.9)  # 3-bit codes of 40 vectors: crude
+    det.save(tmp_path / "m.msc")
+    arrays = safetensors.numpy.load(members_of(tmp_path / "m.msc")["arrays.safetensors"])
+    assert "index_faiss" in arrays and "index_vectors" not in arrays
+    info = persistence.inspect(tmp_path / "m.msc")
+    assert info["format_version"] == 3 and info["index"]["faiss_class"] == faiss_class
+    assert info["index"] == {"kind": kind, "params": params, "faiss_class": faiss_class} | {
+        "dim": det.index_.dim,
+        "ntotal": 40,
+    }
+    for copy in (MSCDetector.load(tmp_path / "m.msc"), pickle.loads(pickle.dumps(det))):
+        assert copy.get_params()["index"] == kind and copy.index_.spec == det.index_.spec
+        np.testing.assert_array_equal(copy.score_samples(X[:12]), scores)
+        np.testing.assert_array_equal(copy.kneighbors()[1], idx)
+
+
+def test_ivf_searched_exhaustively_scores_like_the_flat_index(X, flat):
+    det = MSCDetector(index="ivf", index_params={"nlist": 8, "nprobe": 8}, **FAST).fit(X)
+    np.testing.assert_allclose(det.score_samples(X[:8]), flat.score_samples(X[:8]), rtol=1e-5)
+    np.testing.assert_allclose(det.train_scores_, flat.train_scores_, rtol=1e-5)
+    assert det.offset_ == pytest.approx(flat.offset_, rel=1e-5)
+
+
+def same_state(det: MSCDetector) -> dict:
+    """The estimator's attributes, each by identity, and the fitted arrays' bytes."""
+    return {
+        name: (id(value), value.tobytes() if isinstance(value, np.ndarray) else None)
+        for name, value in vars(det).items()
+    }
+
+
+def test_set_params_changes_nprobe_without_refitting_and_scoring_writes_nothing(X, flat):
+    det = MSCDetector(index="ivf", index_params={"nlist": 8, "nprobe": 1}, **FAST).fit(X)
+    queries = np.random.default_rng(5).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    index_bytes = det.index_.to_bytes().tobytes()
+    before = same_state(det)
+    narrow = det.score_samples(queries)
+    det.kneighbors()
+    assert same_state(det) == before
+    det.set_params(index_params={"nlist": 8, "nprobe": 8})
+    wide = det.score_samples(queries)
+    assert not np.allclose(narrow, wide)  # one list of eight misses neighbours
+    np.testing.assert_allclose(wide, flat.score_samples(queries), rtol=1e-5)
+    assert (narrow <= wide + 1e-6).all()  # a narrower search finds neighbours no nearer
+    assert det.index_.to_bytes().tobytes() == index_bytes
+    train_scores = det.train_scores_.copy()
+    det.set_params(index_params={"nprobe": 8})  # build settings may go: they are fit's
+    np.testing.assert_array_equal(det.score_samples(queries), wide)
+    np.testing.assert_array_equal(det.train_scores_, train_scores)
+
+
+def test_search_settings_set_after_fit_are_checked_at_scoring(X):
+    det = MSCDetector(index="hnsw", index_params={"M": 8}, **FAST).fit(X)
+    det.set_params(index_params={"nprobe": 4})
+    with pytest.raises(ValueError, match=r"'nprobe'\] does not apply to the fitted IndexHNSW"):
+        det.score_samples(X[:2])
+    det.set_params(index_params={"efSearch": 0})
+    with pytest.raises(ValueError, match="positive int"):
+        det.kneighbors()
+    det.set_params(index_params={"efsearch": 16})
+    with pytest.raises(ValueError, match="unknown setting 'efsearch'"):
+        det.score_samples(X[:2])
+    det.set_params(index_params={"efSearch": 2})
+    assert det.score_samples(X[:2]).shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("index", "params", "problem"),
+    [
+        ("IVFx,Flat", None, "Faiss cannot build for 1280-dimensional embeddings"),
+        ("ivf", {"nprob": 4}, "unknown setting 'nprob'"),
+        ("hnsw", {"nlist": 4}, r"'nlist'\] does not apply to index='hnsw'"),
+        ("ivf", {"nlist": 0}, "positive int"),
+        ("ivfpq", {"pq_m": 3}, "must divide the embedding width 1280"),
+    ],
+)
+def test_bad_index_options_fail_before_any_embedding(X, index, params, problem, monkeypatch):
+    from msc_detector.embedding import Embedder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("embedded before checking the index")
+
+    monkeypatch.setattr(Embedder, "embed_resized", refuse)
+    det = MSCDetector(index=index, index_params=params, **FAST)
+    with pytest.raises(ValueError, match=problem):
+        det.fit(X)
+    with pytest.raises(ValueError, match="index_params"):
+        MSCDetector(index_params=[("nprobe", 2)], **FAST).fit(X)
+
+
+def test_a_flat_model_file_keeps_vectors_and_format_2_files_still_load(flat, X, tmp_path):
+    flat.save(tmp_path / "m.msc")
+    members = members_of(tmp_path / "m.msc")
+    arrays = safetensors.numpy.load(members["arrays.safetensors"])
+    assert "index_vectors" in arrays and "index_faiss" not in arrays
+    metadata = json.loads(members["metadata.json"])
+    assert metadata["index"]["kind"] == "flat"
+    del metadata["index"]  # format 2 wrote no index description and had no index params
+    for name in ("index", "index_params"):
+        del metadata["params"][name]
+    write_model(
+        tmp_path / "v2.msc", {**members, "metadata.json": json.dumps(metadata).encode()}, 2
+    )
+    old = MSCDetector.load(tmp_path / "v2.msc")
+    assert old.index == "flat" and old.index_.spec.exact
+    np.testing.assert_array_equal(old.score_samples(X[:8]), flat.score_samples(X[:8]))
+
+
+def test_a_model_file_with_a_damaged_or_mismatched_faiss_index_is_refused(X, tmp_path):
+    det = MSCDetector(index="ivf", index_params={"nlist": 4}, **FAST).fit(X)
+    det.save(tmp_path / "m.msc")
+    members = members_of(tmp_path / "m.msc")
+    arrays = safetensors.numpy.load(members["arrays.safetensors"])
+    metadata = json.loads(members["metadata.json"])
+
+    def variant(blob: np.ndarray, index: dict) -> Path:
+        path = tmp_path / "bad.msc"
+        changed = {
+            "arrays.safetensors": safetensors.numpy.save({**arrays, "index_faiss": blob}),
+            "metadata.json": json.dumps({**metadata, "index": index}).encode(),
+        }
+        write_model(path, {**members, **changed}, 3)
+        return path
+
+    blob, index = arrays["index_faiss"], metadata["index"]
+    with pytest.raises(ModelFileError, match="expected a IndexHNSWFlat"):
+        MSCDetector.load(variant(blob, {**index, "faiss_class": "IndexHNSWFlat"}))
+    with pytest.raises(ModelFileError, match="do not parse"):
+        MSCDetector.load(variant(blob[:100], index))
+    with pytest.raises(ModelFileError, match="describes an index of 39 vectors"):
+        persistence.inspect(variant(blob, {**index, "ntotal": 39}))
+    with pytest.raises(ModelFileError, match="'index'"):
+        persistence.inspect(variant(blob, {**index, "kind": 3}))
+    with pytest.raises(ModelFileError, match="index_vectors"):
+        persistence.inspect(variant(blob, {**index, "kind": "flat"}))
