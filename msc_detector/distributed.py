@@ -8,9 +8,9 @@ process, so that single-process code paths stay exactly as they are.
 
 The collectives work on numpy arrays and return the same result on every rank:
 :meth:`Cluster.gather_rows` (every rank's rows, in rank order, any row counts),
-:meth:`Cluster.sum` and :meth:`Cluster.broadcast_int`. :meth:`Cluster.gather_with_grad`
-gathers a tensor inside autograd: its backward sums every rank's gradient and
-keeps this rank's rows, as SimCLR-style libraries do.
+:meth:`Cluster.mean_rows`, :meth:`Cluster.sum` and :meth:`Cluster.broadcast_int`.
+:meth:`Cluster.gather_with_grad` gathers a tensor inside autograd: its backward sums
+every rank's gradient and keeps this rank's rows, as SimCLR-style libraries do.
 
 When this module initialises the default process group it uses NCCL where the
 rank has a CUDA device and gloo otherwise, with torch's default timeouts (10 minutes
@@ -43,7 +43,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def local_device() -> torch.device | None:
-    """The GPU of this rank under a multi-process launch (``cuda:LOCAL_RANK``), else ``None``.
+    """Return this rank's GPU under a multi-process launch (``cuda:LOCAL_RANK``).
 
     ``None`` in a single process, where there is no CUDA device, or when ``LOCAL_RANK``
     names a device that does not exist.
@@ -58,7 +58,7 @@ def local_device() -> torch.device | None:
 
 
 def current() -> Cluster | None:
-    """This process's multi-process job, or ``None`` in a single process.
+    """Find this process's multi-process job; ``None`` in a single process.
 
     Uses the default process group when one is initialised; otherwise, when
     ``torchrun`` (or any ``env://`` launcher) set ``WORLD_SIZE`` above 1, initialises
@@ -111,7 +111,7 @@ class Cluster:
     device: torch.device
 
     def shard(self, n: int) -> np.ndarray:
-        """This rank's contiguous block of ``range(n)``; the first ``n % world_size`` get one more.
+        """Return this rank's block of ``range(n)``; the first ``n % world_size`` get one more.
 
         Concatenated in rank order, the blocks are ``range(n)`` again, so
         :meth:`gather_rows` of per-block results is in the original order.
@@ -168,6 +168,12 @@ class Cluster:
         if not rows:
             return array[:0].copy()
         return torch.cat(rows).numpy()
+
+    def mean_rows(self, array: np.ndarray) -> np.ndarray:
+        """Mean over every rank's rows of ``array``, in float64 (all-reduced sum and count)."""
+        local = np.asarray(array, dtype=np.float64)
+        total = self.sum(np.concatenate([local.sum(axis=0).ravel(), [len(local)]]))
+        return (total[:-1] / total[-1]).reshape(local.shape[1:])
 
     def sum(self, array: np.ndarray) -> np.ndarray:
         """Element-wise sum of every rank's ``array``, in float64 (the same on every rank)."""

@@ -348,21 +348,19 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         def embed_fixed(view: int) -> np.ndarray:
             if cluster is None:
                 return embedder.embed_all(source, self.batch_size, workers, [view])
-            rows = _Rows(source, shard) if shard is not None else source
+            rows = source if shard is None else _Rows(source, shard)
             local = [np.empty((0, width), np.float32)]
             local += list(embedder.embed(rows, self.batch_size, workers, [view]))
             return cluster.gather_rows(np.concatenate(local))
 
         logger.info("Embedding %d training images with the pretrained %s", len(images), spec.name)
-        if cluster is None:
-            own: np.ndarray | None = embed_own()
+        own = embed_local()
+        if cluster is not None:
+            center = cluster.mean_rows(own).astype(np.float32)
+            if not trains or self.epoch_callback is not None:  # else replaced after training
+                own = cluster.gather_rows(own)
+        else:
             center = mean_center(own)
-        else:  # the mean over all ranks' rows; they are gathered only where needed
-            local = embed_local()
-            total = cluster.sum(np.concatenate([local.sum(0, dtype=np.float64), [len(local)]]))
-            center = (total[:-1] / total[-1]).astype(np.float32)
-            needs_own = not trains or self.epoch_callback is not None
-            own = cluster.gather_rows(local) if needs_own else None
         # The other views' networks never change: embed them once.
         fixed = [embed_fixed(i) for i in range(1, len(views))]
         common = {
@@ -381,7 +379,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
                 self._call_back(epoch, {**common, "history_": []}, [latest["own"], *fixed])
 
             if self.epoch_callback is not None:
-                assert own is not None  # gathered above for the callback
                 self._call_back(0, {**common, "history_": []}, [own, *fixed])
             history = fine_tune(
                 network,
@@ -399,11 +396,10 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
                 raise FloatingPointError(_DIVERGED.format(what="network weights"))
             own = latest["own"] if latest["epoch"] == self.epochs else embed_own()
-        assert own is not None  # embedded above when not trained
         return {**common, **self._index_state(join_views([own, *fixed])), "history_": history}
 
     def _device_spec(self, cluster: distributed.Cluster | None) -> str | torch.device:
-        """The device to resolve: this rank's GPU for ``"auto"`` or ``"cuda"`` in a job."""
+        """Return the device to resolve: this rank's GPU for ``"auto"``/``"cuda"`` in a job."""
         gpu = distributed.local_device() if cluster is not None else None
         if gpu is not None and str(self.device) in ("auto", "cuda"):
             return gpu
