@@ -8,6 +8,7 @@ file ``<out>/model.msc``. The test compares them with a single-process fit.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,26 @@ def detector(**changes: Any) -> MSCDetector:
     return MSCDetector(**{**PARAMS, **changes})
 
 
+def fit() -> tuple[MSCDetector, dict[str, Any]]:
+    """Fit :func:`detector` on :func:`train_images`; return it and what the test compares.
+
+    ``epoch_callback`` keeps the leave-self-out training scores after each epoch and
+    the initial weights.
+    """
+    seen: dict[str, Any] = {}
+
+    def keep(epoch: int, det: MSCDetector) -> None:
+        seen[f"train_scores_{epoch}"] = det.train_scores_.copy()
+        if epoch == 0:
+            seen["before"] = {k: v.clone() for k, v in det.backbone_.state_dict().items()}
+
+    det = detector(epoch_callback=keep).fit(train_images())
+    det.set_params(epoch_callback=None)  # a callback is not stored in a model file
+    return det, {**results(det), "callback": seen}
+
+
 def results(det: MSCDetector) -> dict[str, Any]:
-    """What the test compares: weights, fitted arrays and scores."""
+    """Weights, fitted arrays and scores of a fitted detector."""
     return {
         "state": {k: v.detach().clone() for k, v in det.backbone_.state_dict().items()},
         "center": det.center_,
@@ -83,7 +102,7 @@ def main(out: Path) -> None:
     cluster = distributed.current()
     assert cluster is not None and cluster.world_size == 2
     rank = cluster.rank
-    det = detector().fit(train_images())
+    det, record = fit()
     if rank == 0:
         det.save(out / "model.msc")
     try:
@@ -91,11 +110,11 @@ def main(out: Path) -> None:
         uneven_batch = ""
     except ValueError as exc:
         uneven_batch = str(exc)
-    record = {
-        **results(det),
-        "collectives": collectives(cluster),
-        "uneven_batch_error": uneven_batch,
-    }
+    record.update(
+        collectives=collectives(cluster),
+        uneven_batch_error=uneven_batch,
+        unpickled_scores=pickle.loads(pickle.dumps(det)).score_samples(test_images()),
+    )
     torch.save(record, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -48,24 +48,16 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]
 
 @pytest.fixture(scope="module")
 def single() -> dict[str, Any]:
-    """The same fit in this process, which has no process group, and its initial weights."""
-    before: dict[str, torch.Tensor] = {}
-
-    def keep_initial(epoch: int, det: MSCDetector) -> None:
-        if epoch == 0:
-            before.update({k: v.clone() for k, v in det.backbone_.state_dict().items()})
-
-    record = worker.results(
-        worker.detector(epoch_callback=keep_initial).fit(worker.train_images())
-    )
-    return {**record, "before": before}
+    """The same fit in this process, which has no process group."""
+    return worker.fit()[1]
 
 
 def test_two_processes_train_the_network_one_process_trains(
     ranks: tuple[list[dict[str, Any]], Path], single: dict[str, Any]
 ) -> None:
     state = ranks[0][0]["state"]
-    moved = max(float((single["state"][k] - v).abs().max()) for k, v in single["before"].items())
+    before = single["callback"]["before"]
+    moved = max(float((single["state"][k] - v).abs().max()) for k, v in before.items())
     assert moved > 1e3 * TOLERANCE["atol"]  # the comparison below is not of untrained nets
     for name, expected in single["state"].items():
         torch.testing.assert_close(state[name], expected, **TOLERANCE, msg=name)
@@ -78,6 +70,9 @@ def test_center_index_and_scores_match_the_single_process_fit(
     record = ranks[0][0]
     for key in ("center", "embeddings", "train_scores", "scores"):
         np.testing.assert_allclose(record[key], single[key], **TOLERANCE, err_msg=key)
+    for epoch in (0, 1):  # the detectors handed to epoch_callback
+        key = f"train_scores_{epoch}"
+        np.testing.assert_allclose(record["callback"][key], single["callback"][key], **TOLERANCE)
     assert record["offset"] == pytest.approx(single["offset"], rel=1e-5, abs=1e-6)
     assert len(record["train_scores"]) == worker.N_TRAIN  # every rank's rows are indexed
 
@@ -97,6 +92,8 @@ def test_the_model_saved_by_rank_0_loads_and_scores_as_the_ranks_do(
     ranks: tuple[list[dict[str, Any]], Path],
 ) -> None:
     records, out = ranks
+    for record in records:
+        np.testing.assert_array_equal(record["unpickled_scores"], record["scores"])
     loaded = MSCDetector.load(out / "model.msc")
     np.testing.assert_allclose(
         loaded.score_samples(worker.test_images()), records[0]["scores"], **TOLERANCE
