@@ -42,6 +42,16 @@ def _env_int(name: str, default: int) -> int:
     return default if value is None or value == "" else int(value)
 
 
+def _may_use_cuda(device: str | torch.device) -> bool:
+    """Whether a device specification is ``"auto"`` or a CUDA device."""
+    if isinstance(device, str) and device == "auto":
+        return True
+    try:
+        return torch.device(device).type == "cuda"
+    except (RuntimeError, TypeError):  # an invalid string: resolving it reports it
+        return False
+
+
 def local_device() -> torch.device | None:
     """Return this rank's GPU under a multi-process launch (``cuda:LOCAL_RANK``).
 
@@ -57,13 +67,19 @@ def local_device() -> torch.device | None:
     return torch.device("cuda", local_rank)
 
 
-def current() -> Cluster | None:
+def current(device: str | torch.device = "auto") -> Cluster | None:
     """Find this process's multi-process job; ``None`` in a single process.
 
     Uses the default process group when one is initialised; otherwise, when
     ``torchrun`` (or any ``env://`` launcher) set ``WORLD_SIZE`` above 1, initialises
     it from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)
     with NCCL on a rank with a CUDA device and gloo otherwise.
+
+    Parameters
+    ----------
+    device : str or torch.device, default="auto"
+        Where the process computes; a new group uses NCCL only where this is
+        ``"auto"`` or a CUDA device and the rank has a GPU.
 
     Returns
     -------
@@ -76,7 +92,7 @@ def current() -> Cluster | None:
         if _env_int("WORLD_SIZE", 1) <= 1:
             return None
         gpu = local_device()
-        if gpu is not None:
+        if gpu is not None and _may_use_cuda(device):
             dist.init_process_group("nccl", device_id=gpu)
         else:
             dist.init_process_group("gloo")
@@ -196,7 +212,8 @@ class Cluster:
         ``world_size`` times the gradient of that loss, which the average over ranks of
         :class:`~torch.nn.parallel.DistributedDataParallel` brings back to one.
         """
-        return _GatherRows.apply(tensor, self)
+        gathered = _GatherRows.apply(tensor.to(self.device), self)
+        return gathered.to(tensor.device)
 
     def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """``all_gather`` of a CPU tensor through the collectives' device; CPU results."""

@@ -303,10 +303,17 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def _fit(self, source: ImageSource) -> dict[str, Any]:
         """Run the whole fit and return the fitted attributes without setting them."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        cluster = distributed.current()
+        cluster = distributed.current(self.device)
         if cluster is not None:
             seed = self._join(cluster, source, seed)
         runtime = Runtime.resolve(self._device_spec(cluster), self.precision)
+        nccl = cluster is not None and cluster.device.type == "cuda"
+        if nccl and runtime.device.type != "cuda":
+            raise ValueError(
+                f"The process group uses NCCL, which trains on CUDA devices only, but "
+                f"device={self.device!r} resolved to {runtime.device}; use device='auto' or "
+                "'cuda', or initialise a gloo process group before fit."
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             built = create_backbone(
