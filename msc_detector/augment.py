@@ -181,10 +181,8 @@ class TwoViewAugment:
             Two ``float32`` tensors ``(B, 3, size, size)``.
         """
         n, _, h, w = batch.shape
-        start, total = (0, n) if part is None else part
-        params = tuple(
-            self._draw(total, h, w, generator).rows(start, start + n) for _ in range(2)
-        )
+        first, total = (0, n) if part is None else part
+        params = tuple(self._draw(total, h, w, generator).rows(first, first + n) for _ in range(2))
         step = self._chunk_size(batch)
         parts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for start in range(0, n, step):

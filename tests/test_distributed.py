@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from msc_detector import MSCDetector, distributed
+from msc_detector.augment import TwoViewAugment
 
 ROOT = Path(__file__).resolve().parents[1]
 # Largest differences accepted between the two-process and the single-process fit.
@@ -134,3 +135,22 @@ def test_a_single_process_is_no_cluster(monkeypatch: pytest.MonkeyPatch) -> None
     assert distributed.local_device() is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.current() is None
+
+
+def test_shards_cover_the_images_in_order_and_batches_split_evenly() -> None:
+    ranks = [distributed.Cluster(r, 3, torch.device("cpu")) for r in range(3)]
+    shards = [cluster.shard(8) for cluster in ranks]
+    assert [len(s) for s in shards] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate(shards), np.arange(8))
+    assert ranks[0].local_batch(12) == 4
+    with pytest.raises(ValueError, match="must be a multiple of 3; use batch_size=9 or 12"):
+        ranks[1].local_batch(10)
+
+
+def test_augmenting_a_part_gives_those_rows_of_the_whole_batch() -> None:
+    batch = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    augment = TwoViewAugment(32, (0.5,) * 3, (0.25,) * 3)
+    whole = augment(batch, torch.Generator().manual_seed(3))
+    part = augment(batch[2:4], torch.Generator().manual_seed(3), part=(2, 6))
+    for got, expected in zip(part, whole, strict=True):
+        torch.testing.assert_close(got, expected[2:4], rtol=0, atol=1e-6)
