@@ -156,7 +156,10 @@ class TwoViewAugment:
         self.config = config or AugmentConfig()
 
     def __call__(
-        self, batch: torch.Tensor, generator: torch.Generator
+        self,
+        batch: torch.Tensor,
+        generator: torch.Generator,
+        part: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return two independently augmented, normalised views of a uint8 batch.
 
@@ -166,6 +169,11 @@ class TwoViewAugment:
             ``uint8`` ``(B, 3, H, W)``, on any device.
         generator : torch.Generator
             CPU generator drawing every random parameter (reproducibility).
+        part : tuple of int, optional
+            ``(start, total)``: ``batch`` is rows ``start`` to ``start + B`` of a batch
+            of ``total`` images. The parameters are drawn for all ``total`` images, as
+            for the whole batch, and only these rows are augmented; so each process of
+            a multi-process job augments its rows of a global batch as one process would.
 
         Returns
         -------
@@ -173,7 +181,8 @@ class TwoViewAugment:
             Two ``float32`` tensors ``(B, 3, size, size)``.
         """
         n, _, h, w = batch.shape
-        params = (self._draw(n, h, w, generator), self._draw(n, h, w, generator))
+        first, total = (0, n) if part is None else part
+        params = tuple(self._draw(total, h, w, generator).rows(first, first + n) for _ in range(2))
         step = self._chunk_size(batch)
         parts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for start in range(0, n, step):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -16,7 +16,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from msc_detector import persistence
+from msc_detector import distributed, persistence
 from msc_detector.backbones import BackboneSpec, PreprocessConfig, create_backbone
 from msc_detector.data import ImageSource, PathSource, ResizedImages, as_image_source
 from msc_detector.data import auto_image_size as _auto_image_size
@@ -328,7 +328,17 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def _fit(self, source: ImageSource) -> dict[str, Any]:
         """Run the whole fit and return the fitted attributes without setting them."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        runtime = Runtime.resolve(self.device, self.precision)
+        cluster = distributed.current(self.device)
+        if cluster is not None:
+            seed = self._join(cluster, source, seed)
+        runtime = Runtime.resolve(self._device_spec(cluster), self.precision)
+        nccl = cluster is not None and cluster.device.type == "cuda"
+        if nccl and runtime.device.type != "cuda":
+            raise ValueError(
+                f"The process group uses NCCL, which trains on CUDA devices only, but "
+                f"device={self.device!r} resolved to {runtime.device}; use device='auto' or "
+                "'cuda', or initialise a gloo process group before fit."
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             built = create_backbone(
@@ -356,16 +366,36 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             num_workers=workers,
         )
 
+        # In a multi-process job each rank embeds its block of the images; all get all rows.
+        shard = None if cluster is None else cluster.shard(len(images))
+        width = spec.num_features
+
+        def embed_local() -> np.ndarray:
+            batches = embedder.embed_resized(0, images.batches(self.batch_size, shard))
+            return np.concatenate([np.empty((0, width), np.float32), *batches])
+
         def embed_own() -> np.ndarray:
-            return np.concatenate(list(embedder.embed_resized(0, images.batches(self.batch_size))))
+            local = embed_local()
+            return local if cluster is None else cluster.gather_rows(local)
+
+        def embed_fixed(view: int) -> np.ndarray:
+            if cluster is None:
+                return embedder.embed_all(source, self.batch_size, workers, [view])
+            rows = source if shard is None else _Rows(source, shard)
+            local = [np.empty((0, width), np.float32)]
+            local += list(embedder.embed(rows, self.batch_size, workers, [view]))
+            return cluster.gather_rows(np.concatenate(local))
 
         logger.info("Embedding %d training images with the pretrained %s", len(images), spec.name)
-        own = embed_own()
-        center = mean_center(own)
+        own = embed_local()
+        if cluster is not None:
+            center = cluster.mean_rows(own).astype(np.float32)
+            if not trains or self.epoch_callback is not None:  # else replaced after training
+                own = cluster.gather_rows(own)
+        else:
+            center = mean_center(own)
         # The other views' networks never change: embed them once.
-        fixed = [
-            embedder.embed_all(source, self.batch_size, workers, [i]) for i in range(1, len(views))
-        ]
+        fixed = [embed_fixed(i) for i in range(1, len(views))]
         common = {
             "embedder_": embedder,
             "center_": center,
@@ -394,6 +424,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
                 runtime=runtime,
                 compute=embedder.compute_network(network),
                 on_epoch=on_epoch if self.epoch_callback is not None else None,
+                cluster=cluster,
             )
             if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
                 raise FloatingPointError(_DIVERGED.format(what="network weights"))
@@ -403,6 +434,36 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             **self._index_state(join_views([own, *fixed]), runtime.device.type == "cuda"),
             "history_": history,
         }
+
+    def _device_spec(self, cluster: distributed.Cluster | None) -> str | torch.device:
+        """Return the device to resolve: this rank's GPU for ``"auto"``/``"cuda"`` in a job."""
+        gpu = distributed.local_device() if cluster is not None else None
+        if gpu is not None and str(self.device) in ("auto", "cuda"):
+            return gpu
+        return self.device
+
+    def _join(self, cluster: distributed.Cluster, source: ImageSource, seed: int) -> int:
+        """Check that every rank fits the same job; return rank 0's seed.
+
+        Every rank must be given the same images and parameters; the seed drawn from
+        ``random_state`` (which may be ``None``) is rank 0's everywhere.
+        """
+        counts = cluster.gather_rows(np.array([len(source), self.batch_size], np.int64)[None])
+        if len(set(counts[:, 0].tolist())) > 1:
+            raise ValueError(
+                f"In a multi-process fit every process must be given the same training images; "
+                f"the {cluster.world_size} processes got {counts[:, 0].tolist()} images. Pass "
+                "the whole training set to fit on every rank (each embeds and trains on its "
+                "share)."
+            )
+        if len(set(counts[:, 1].tolist())) > 1:
+            raise ValueError(
+                f"The processes of a multi-process fit got different batch_size values "
+                f"{counts[:, 1].tolist()}; use the same parameters on every rank."
+            )
+        if self.loss is not None and self.epochs > 0:
+            cluster.local_batch(min(int(self.batch_size), len(source)))  # raises if uneven
+        return cluster.broadcast_int(seed)
 
     def _train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -818,6 +879,23 @@ def _is_small(source: ImageSource, size: int) -> bool:
 def _resolve_auto(value: bool | str, small: bool) -> bool:
     """Resolve a small-image option: as given, or on for small images under ``"auto"``."""
     return small if value == "auto" else bool(value)
+
+
+class _Rows(ImageSource):
+    """The images of ``source`` at ``rows``, in that order (one rank's share)."""
+
+    def __init__(self, source: ImageSource, rows: np.ndarray) -> None:
+        self.source = source
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        return self.source.load([int(self.rows[i]) for i in indices])
+
+    def min_side(self, sample: int = 16) -> int | None:
+        return self.source.min_side(sample)
 
 
 def _paths(source: ImageSource) -> list[str] | None:

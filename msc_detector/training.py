@@ -5,6 +5,14 @@ a batch (:meth:`Trainer.views`), the loss of their embeddings (:meth:`Trainer.lo
 the optimiser step (:meth:`Trainer.step`), one epoch (:meth:`Trainer.run_epoch`) and
 the loop over epochs with progress and history (:meth:`Trainer.fit`). The network
 stays in ``eval`` mode (see :mod:`msc_detector.embedding`).
+
+Given a :class:`~msc_detector.distributed.Cluster`, the processes of a multi-process
+job train one network as one process would on the same global batches: every rank
+draws the same shuffle and the same augmentation parameters for the whole global
+batch, embeds its contiguous block of it, and computes the loss over the embeddings
+gathered from every rank (the negatives of the global batch); the compute module is
+wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, whose averaging of
+the gradients undoes the sum over ranks of the gathered embeddings' backward.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from tqdm.auto import tqdm
 
 from msc_detector.augment import AugmentConfig, TwoViewAugment
 from msc_detector.data import ResizedImages
+from msc_detector.distributed import Cluster
 from msc_detector.embedding import features
 from msc_detector.losses import make_loss
 from msc_detector.runtime import Runtime
@@ -47,7 +56,7 @@ class TrainConfig:
         A name in :data:`msc_detector.losses.LOSSES`.
     epochs : int
     batch_size : int
-        Images per step; each gives two views.
+        Images per step, over all processes of a multi-process job; each gives two views.
     lr, weight_decay : float
         Plain SGD (no momentum), as the reference.
     temperature : float
@@ -89,6 +98,8 @@ class Trainer:
     mean, std : sequence of float
         The network's input normalisation.
     runtime : Runtime
+    cluster : Cluster, optional
+        The multi-process job this process trains in; ``None`` for one process.
     """
 
     def __init__(
@@ -101,12 +112,14 @@ class Trainer:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         runtime: Runtime,
+        cluster: Cluster | None = None,
     ) -> None:
         params = [p for p in network.parameters() if p.requires_grad]
         if not params:
             raise ValueError("frozen_stages leaves no trainable parameter; lower it.")
         self.network = network
-        self.compute = compute
+        self.cluster = cluster
+        self.compute = compute if cluster is None else _data_parallel(compute, runtime)
         self.config = config
         self.runtime = runtime
         self.center = torch.from_numpy(np.asarray(center, dtype=np.float32)).to(runtime.device)
@@ -121,14 +134,28 @@ class Trainer:
         self.shuffle = np.random.default_rng(config.seed)
 
     def views(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make the two augmented views of a ``uint8`` CPU batch, on the device."""
-        return self.augment(self.runtime.to_device(batch), self.generator)
+        """Make the two augmented views of a ``uint8`` CPU batch, on the device.
+
+        In a multi-process job ``batch`` is this rank's block of the global batch.
+        """
+        part = None
+        if self.cluster is not None:
+            n, ranks = len(batch), self.cluster.world_size
+            part = (self.cluster.rank * n, ranks * n)
+        return self.augment(self.runtime.to_device(batch), self.generator, part)
 
     def loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        """Compute the objective on the embeddings of two views of the same images."""
+        """Compute the objective on the embeddings of two views of the same images.
+
+        In a multi-process job, over the views of the global batch.
+        """
         n = view1.shape[0]
         z = features(self.compute, torch.cat([view1, view2]), self.runtime, train=True)
-        loss = self.loss_fn(z[:n], z[n:], self.center)
+        z1, z2 = z[:n], z[n:]
+        if self.cluster is not None:
+            pairs = self.cluster.gather_with_grad(torch.stack([z1, z2], dim=1))  # (N * n, 2, d)
+            z1, z2 = pairs[:, 0], pairs[:, 1]
+        loss = self.loss_fn(z1, z2, self.center)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"The training loss became {loss.item()}; lower lr or use precision='fp32'."
@@ -180,12 +207,16 @@ class Trainer:
         config = self.config
         batch_size = min(config.batch_size, len(images))
         n_batches = len(images) // batch_size
+        local_size = batch_size
+        if self.cluster is not None:
+            local_size = self.cluster.local_batch(batch_size)
+        quiet = not config.verbose or (self.cluster is not None and self.cluster.rank != 0)
         history: list[dict] = []
-        epochs = tqdm(range(config.epochs), desc="epochs", disable=not config.verbose)
+        epochs = tqdm(range(config.epochs), desc="epochs", disable=quiet)
         for epoch in epochs:
             start = time.perf_counter()
             with tqdm(
-                total=n_batches, desc=f"epoch {epoch + 1}", leave=False, disable=not config.verbose
+                total=n_batches, desc=f"epoch {epoch + 1}", leave=False, disable=quiet
             ) as bar:
                 running: list[float] = []
 
@@ -195,8 +226,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
 
                 order = self.shuffle.permutation(len(images))
+                if self.cluster is not None:  # this rank's block of each global batch
+                    blocks = order[: n_batches * batch_size].reshape(n_batches, -1, local_size)
+                    order = blocks[:, self.cluster.rank].ravel()
                 mean_loss = self.run_epoch(
-                    images.batches(batch_size, order, drop_last=True), report
+                    images.batches(local_size, order, drop_last=True), report
                 )
             seconds = time.perf_counter() - start
             history.append({"epoch": epoch + 1, "loss": mean_loss, "seconds": seconds})
@@ -219,10 +253,26 @@ def fine_tune(
     runtime: Runtime,
     compute: nn.Module | None = None,
     on_epoch: EpochHook | None = None,
+    cluster: Cluster | None = None,
 ) -> list[dict]:
     """Fine-tune ``network`` in place on ``images``; return the per-epoch history.
 
     See :class:`Trainer` for the parameters; ``compute`` defaults to ``network``.
     """
-    trainer = Trainer(network, compute or network, center, config, image_size, mean, std, runtime)
+    trainer = Trainer(
+        network, compute or network, center, config, image_size, mean, std, runtime, cluster
+    )
     return trainer.fit(images, on_epoch)
+
+
+def _data_parallel(compute: nn.Module, runtime: Runtime) -> nn.Module:
+    """Wrap ``compute`` so that backward averages its gradients over the processes.
+
+    Its buffers (BatchNorm statistics) never change, so they are not re-sent each step.
+    """
+    device = runtime.device
+    return nn.parallel.DistributedDataParallel(
+        compute,
+        device_ids=[device] if device.type == "cuda" else None,
+        forward_sync_buffers=False,
+    )
