@@ -257,7 +257,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run_side(side: str, settings: dict[str, Any], path: Path) -> dict[str, Any]:
+def run_side(
+    side: str, settings: dict[str, Any], path: Path, client: Any = None
+) -> dict[str, Any]:
+    """Measure one side and write its report to ``path`` (``client``: an existing cluster)."""
     from benchmarks.machine_info import machine
 
     data_dir = Path(settings["data_dir"])
@@ -268,7 +271,7 @@ def run_side(side: str, settings: dict[str, Any], path: Path) -> dict[str, Any]:
         result = run_inprocess(paths, model)
         np.save(scores_file(settings, side), result.pop("scores"))
     else:
-        result = run_cluster(paths, model, settings["partition_size"])
+        result = run_cluster(paths, model, settings["partition_size"], client)
         cold, warm = result["cold"].pop("scores"), result["warm"].pop("scores")
         result["cold_equals_warm"] = bool(np.array_equal(cold, warm))
         np.save(scores_file(settings, side), warm)

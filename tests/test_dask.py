@@ -268,6 +268,31 @@ def test_missing_dask_names_the_extra() -> None:
     assert "pip install 'msc-detector[dask]'" in run.stderr
 
 
+def test_benchmark_measures_both_sides(client: Client, tmp_path: Path) -> None:
+    from benchmarks import dask_scoring
+    from msc_detector.datasets import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("test")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    argv = ["--n-files", "40", "--train-size", "12", "--image-size", "32"]
+    argv += ["--partition-size", "16", "--data-dir", str(tmp_path)]
+    settings = dask_scoring.settings_of(dask_scoring.parse_args(argv))
+    sides = {
+        side: dask_scoring.run_side(side, settings, tmp_path / f"{side}.json", client)
+        for side in dask_scoring.SIDES
+    }
+    assert sides["cluster"]["cold"]["partitions"] == 3
+    assert sides["cluster"]["cold_equals_warm"]
+    assert len(sides["cluster"]["warm"]["peak_rss_mb_workers"]) == 2
+    report = {"command": "smoke", "settings": settings, "sides": sides}
+    report["summary"] = dask_scoring.summarize(sides)
+    assert report["summary"]["max_abs_score_difference"] < 1e-3
+    table = dask_scoring.markdown(report)
+    assert "| 2-worker LocalCluster, warm |" in table and "in-process" in table
+
+
 def _partition_keys(client: Client) -> dict[str, list[str]]:
     """Scored partitions held in memory, by worker."""
     return {
