@@ -89,11 +89,8 @@ class _Shipment:
 
 def _pack(detector: MSCDetector, device: str | torch.device) -> _Shipment:
     """Serialise ``detector`` once, as a model file where it has one, else as a pickle."""
-    from sklearn.utils.validation import check_is_fitted
-
-    check_is_fitted(detector)
     device = str(device)
-    if detector.backbone_spec_.is_module:
+    if detector.backbone_spec_.is_module:  # an AttributeError if it is not fitted
         if device != "auto":
             raise ValueError(
                 f"device={device!r} applies to detectors with a timm backbone; a detector with "
@@ -257,8 +254,8 @@ def score_files(
         The cluster to score on; by default the current client.
     partition_size : int, default=2048
         Files per task. A worker holds one task's paths and rows at a time; a dead
-        worker's tasks are scored again, so smaller partitions lose less work, at about
-        a millisecond of scheduling per task.
+        worker's tasks are scored again, so smaller partitions lose less work and
+        spread it more evenly, larger ones make fewer tasks to schedule.
     chunk_size : int, default=256
         Files read and embedded at a time within a task: bounds a worker's image
         memory (with the detector's ``batch_size``).
@@ -288,7 +285,7 @@ def score_files(
     ValueError
         If ``paths`` is empty, a size is not a positive integer, there is no client, or
         ``device`` is set for a module backbone.
-    NotFittedError
+    AttributeError
         If the detector is not fitted.
     """
     files = _as_paths(paths)
@@ -298,10 +295,11 @@ def score_files(
     chunk = _positive("chunk_size", chunk_size)
     if isinstance(neighbors, bool) or not isinstance(neighbors, int | np.integer) or neighbors < 0:
         raise ValueError(f"neighbors must be a non-negative integer; got {neighbors!r}.")
+    active = _client(client)
     shipment = _pack(detector, device)
-    cluster = _client(client)
     k = min(int(neighbors), int(detector.n_train_))
-    shipped = cluster.scatter(shipment, broadcast=True, hash=False)
+    # One copy per worker, loaded on its first task; the frame holds the future.
+    shipped = active.scatter(shipment, broadcast=True, hash=False)
     starts = list(range(0, len(files), step))
     columns = _columns(k, detector.train_paths_ is not None)
     meta = pd.DataFrame(
@@ -351,10 +349,10 @@ def score_to_parquet(
         ``partition_size``, ``chunk_size``, ``neighbors`` and ``device``, as in
         :func:`score_files`.
     """
-    cluster = _client(client)
-    frame = score_files(detector, paths, client=cluster, **options)
+    active = _client(client)
+    frame = score_files(detector, paths, client=active, **options)
     write = frame.to_parquet(os.fspath(output), name_function=_part_name, compute=False)
-    cluster.compute(write).result()
+    active.compute(write).result()
 
 
 def _part_name(i: int) -> str:

@@ -21,7 +21,6 @@ import torch
 from conftest import FAST, MODULE_PRE, small_module
 from distributed import Client, LocalCluster
 from PIL import Image
-from sklearn.exceptions import NotFittedError
 
 import msc_detector.dask as msc_dask
 from msc_detector import MSCDetector
@@ -244,7 +243,7 @@ def test_bad_arguments_are_named(
         msc_dask.score_files(timm_detector, paths, client=client, partition_size=0)
     with pytest.raises(ValueError, match="neighbors must be a non-negative integer"):
         msc_dask.score_files(timm_detector, paths, client=client, neighbors=-1)
-    with pytest.raises(NotFittedError):
+    with pytest.raises(AttributeError, match="not fitted"):
         msc_dask.score_files(MSCDetector(), paths, client=client)
     with pytest.raises(ValueError, match="module backbone"):
         msc_dask.score_files(_module_detector(folder), paths, client=client, device="cpu")
