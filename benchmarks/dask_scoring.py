@@ -6,7 +6,8 @@ scores every file twice, each side in its own subprocess:
 
 * **in-process**: ``MSCDetector.load(model).score_samples(paths)`` in the main thread,
   the library's plain way (torch's threads on every core, one DataLoader process
-  decoding files on a 2-core machine);
+  decoding files on a 2-core machine), then again with ``num_workers=0`` (the main
+  thread decodes the files between forward passes);
 * **cluster**: :func:`msc_detector.dask.score_files` on
   ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`` (Dask gives each
   worker process one torch thread), the rows gathered with ``client.compute``. It runs
@@ -19,10 +20,10 @@ loss=None)`` with its default EfficientNet-Lite0 ImageNet weights, fitted on
 ``--train-size`` images of one class of the test split (``loss=None``: no fine-tuning,
 which does not change the cost of scoring). Both sides run on the CPU.
 
-Measured per side: wall time and files per second; peak resident memory of the scoring
-process (sampled every 50 ms with psutil; for the cluster, of each worker process, and
-the client's); the largest difference between the two sides' scores (each side keeps
-its scores in ``--data-dir``). Each side writes
+Measured per side: wall time and files per second; resident memory of the scoring
+process before the run and its peak during it (sampled every 50 ms with psutil; for the
+cluster, of each worker process, and the client's peak); the largest difference between
+the two sides' scores (each side keeps its scores in ``--data-dir``). Each side writes
 ``<out-name>_<side>.json`` when it finishes, and a re-run with the same settings reuses
 it (``--force`` redoes it), so the sides can be run one at a time. Timings need a quiet
 machine: run it under the shared lock, ``flock /tmp/msc-heavy.lock python -m
@@ -165,13 +166,14 @@ def _children() -> dict[str, int]:
     return {"main": me.pid} | {f"child {c.pid}": c.pid for c in me.children(recursive=True)}
 
 
-def run_inprocess(paths: list[str], model: Path) -> dict[str, Any]:
-    import torch
+def _rss_mb(pid: int) -> float:
+    import psutil
 
-    from msc_detector import MSCDetector
+    return psutil.Process(pid).memory_info().rss / 2**20
 
-    detector = MSCDetector.load(model, device="cpu")
-    detector.score_samples(paths[:64])  # warm-up: first-use caches, thread pools
+
+def _inprocess_run(detector: Any, paths: list[str]) -> dict[str, Any]:
+    baseline = _rss_mb(os.getpid())
     monitor = PeakRSS(_children)
     with monitor.running():
         start = time.perf_counter()
@@ -181,11 +183,30 @@ def run_inprocess(paths: list[str], model: Path) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "files_per_second": len(paths) / seconds,
+        "baseline_rss_mb": baseline,
         "peak_rss_mb": monitor.peak_mb["main"],
         "peak_rss_dataloader_mb": max(children) if children else None,
-        "torch_threads": torch.get_num_threads(),
         "scores": scores,
     }
+
+
+def run_inprocess(paths: list[str], model: Path) -> dict[str, Any]:
+    """Score in this process: as loaded (a DataLoader process decodes), then decoding here."""
+    import torch
+
+    from msc_detector import MSCDetector
+
+    detector = MSCDetector.load(model, device="cpu")
+    detector.score_samples(paths[:64])  # warm-up: first-use caches, thread pools
+    result = _inprocess_run(detector, paths)
+    detector.set_params(num_workers=0)
+    decode_here = _inprocess_run(detector, paths)
+    result["num_workers_0_equal"] = bool(
+        np.array_equal(decode_here.pop("scores"), result["scores"])
+    )
+    result["num_workers_0"] = decode_here
+    result["torch_threads"] = torch.get_num_threads()
+    return result
 
 
 def _cluster_run(client: Any, paths: list[str], model: Path, partition_size: int) -> dict:
@@ -194,6 +215,7 @@ def _cluster_run(client: Any, paths: list[str], model: Path, partition_size: int
 
     detector = MSCDetector.load(model, device="cpu")
     pids = client.run(os.getpid)
+    baseline = [_rss_mb(pids[a]) for a in sorted(pids)]
     monitor = PeakRSS(lambda: {"client": os.getpid(), **pids})
     with monitor.running():
         start = time.perf_counter()
@@ -206,6 +228,7 @@ def _cluster_run(client: Any, paths: list[str], model: Path, partition_size: int
         "files_per_second": len(paths) / seconds,
         "partitions": frame.npartitions,
         "peak_rss_mb_client": monitor.peak_mb["client"],
+        "baseline_rss_mb_workers": baseline,
         "peak_rss_mb_workers": [monitor.peak_mb.get(a, float("nan")) for a in sorted(pids)],
         "scores": result["score"].to_numpy(),
     }
@@ -289,26 +312,35 @@ def summarize(sides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rows = []
     if "inprocess" in sides:
         s = sides["inprocess"]
-        rows.append(
-            {
-                "run": "in-process `score_samples`",
-                "seconds": s["seconds"],
-                "files_per_second": s["files_per_second"],
-                "peak_rss_mb": f"{s['peak_rss_mb']:.0f} (+ DataLoader process "
-                f"{s['peak_rss_dataloader_mb'] or 0:.0f})",
-            }
-        )
+        for name, run in (("", s), (", `num_workers=0`", s.get("num_workers_0"))):
+            if run is None:
+                continue
+            loader = run["peak_rss_dataloader_mb"]
+            rows.append(
+                {
+                    "run": f"in-process `score_samples`{name}",
+                    "seconds": run["seconds"],
+                    "files_per_second": run["files_per_second"],
+                    "rss_mb": f"{run.get('baseline_rss_mb', float('nan')):.0f} -> "
+                    f"{run['peak_rss_mb']:.0f}"
+                    + (f" (+ DataLoader process {loader:.0f})" if loader else ""),
+                }
+            )
     if "cluster" in sides:
         s = sides["cluster"]
         for run in ("cold", "warm"):
             r = s[run]
-            workers = ", ".join(f"{mb:.0f}" for mb in r["peak_rss_mb_workers"])
+            before = r.get("baseline_rss_mb_workers", [float("nan")] * 2)
+            workers = ", ".join(
+                f"{a:.0f} -> {b:.0f}"
+                for a, b in zip(before, r["peak_rss_mb_workers"], strict=True)
+            )
             rows.append(
                 {
                     "run": f"2-worker LocalCluster, {run}",
                     "seconds": r["seconds"],
                     "files_per_second": r["files_per_second"],
-                    "peak_rss_mb": f"workers {workers}; client {r['peak_rss_mb_client']:.0f}",
+                    "rss_mb": f"workers {workers}; client peak {r['peak_rss_mb_client']:.0f}",
                 }
             )
     summary: dict[str, Any] = {"rows": rows}
@@ -339,13 +371,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"loss=None, fitted on {settings['train_size']} images. Files: 28 x 28 Fashion-MNIST "
         f"PNGs. Cluster: partition_size={settings['partition_size']}, one thread per worker.",
         "",
-        "| run | seconds | files/s | peak RSS (MB) |",
+        "| run | seconds | files/s | RSS before -> peak (MB) |",
         "|---|---:|---:|---|",
     ]
     for row in summary["rows"]:
         lines.append(
             f"| {row['run']} | {row['seconds']:.1f} | {row['files_per_second']:.0f} | "
-            f"{row['peak_rss_mb']} |"
+            f"{row['rss_mb']} |"
         )
     if "cluster" in report["sides"]:
         c = report["sides"]["cluster"]
@@ -355,7 +387,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{c['cluster_start_seconds']:.1f} s, not included above. *cold*: fresh workers "
             f"(their imports of torch and timm and the detector's load are included); "
             f"*warm*: a second `score_files` call on the same workers; "
-            f"{c['warm']['partitions']} partitions.",
+            f"{c['warm']['partitions']} partitions. RSS: resident memory of each process "
+            "before the run and its highest sample (every 50 ms) during it; it includes "
+            "the shared libraries of torch.",
         ]
     if "max_abs_score_difference" in summary:
         same = "identical" if summary["scores_identical"] else "not identical"
