@@ -42,8 +42,10 @@ def load_images() -> tuple[np.ndarray, np.ndarray, int]:
 
 def main() -> None:
     images, labels, normal = load_images()
-    train = np.flatnonzero(labels == normal)[:300]
-    test = np.setdiff1d(np.arange(len(labels)), train)[:2000]
+    rng = np.random.default_rng(0)
+    train = rng.permutation(np.flatnonzero(labels == normal))[:300]
+    rest = np.setdiff1d(np.arange(len(labels)), train)
+    test = rng.choice(rest, size=min(2000, len(rest)), replace=False)
     detector = MSCDetector(image_size=64, random_state=0).fit(images[train])
     print(f"fitted on {len(train)} normal images; threshold offset_ = {detector.offset_:.4f}")
 
