@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,6 +37,8 @@ def client() -> Client:
     os.environ["PYTHONPATH"] = os.pathsep.join(parts)
     try:
         with (
+            # Workers without Dask's MALLOC_TRIM_THRESHOLD_, as the docs advise.
+            dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
             LocalCluster(
                 n_workers=2,
                 threads_per_worker=1,
