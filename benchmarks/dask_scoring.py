@@ -14,6 +14,10 @@ scores every file twice, each side in its own subprocess:
   twice on the same cluster: *cold* (fresh worker processes: the time includes their
   imports of torch and timm and loading the detector) and *warm* (a second
   ``score_files`` call: the detector is shipped and loaded again, imports are done).
+  Its workers start without the ``MALLOC_TRIM_THRESHOLD_=65536`` that Dask sets in
+  worker processes by default (it turns off glibc's adaptive mmap threshold, so that
+  every batch's activations are fresh pages); a third, warm run on a second cluster
+  with Dask's default environment measures what that costs.
 
 The detector is ``MSCDetector(image_size=64, flip_average=False, nearest_view=False,
 loss=None)`` with its default EfficientNet-Lite0 ImageNet weights, fitted on
@@ -234,26 +238,50 @@ def _cluster_run(client: Any, paths: list[str], model: Path, partition_size: int
     }
 
 
+@contextmanager
+def local_cluster(dask_trim: bool) -> Iterator[Any]:
+    """A two-worker LocalCluster's client; ``dask_trim``: Dask's MALLOC_TRIM_THRESHOLD_.
+
+    Dask starts worker processes with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off
+    glibc's adaptive mmap threshold; without it, the workers run as plain processes do.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    if not dask_trim:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # a Dask nanny may have set it here
+    with (
+        dask.config.set({} if dask_trim else {key: None}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 def run_cluster(
     paths: list[str], model: Path, partition_size: int, client: Any = None
 ) -> dict[str, Any]:
-    """Score on a fresh two-worker LocalCluster (or on ``client``'s): cold, then warm."""
-    from distributed import Client, LocalCluster
+    """Score on fresh two-worker LocalClusters (or on ``client``'s).
 
+    Cold, then warm, on workers without Dask's ``MALLOC_TRIM_THRESHOLD_``; then warm on
+    workers with it (Dask's default), unless ``client`` is given.
+    """
+    if client is not None:
+        return _cold_and_warm(client, paths, model, partition_size, time.perf_counter())
     start = time.perf_counter()
-    if client is None:
-        with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            return _cold_and_warm(client, paths, model, partition_size, start)
-    return _cold_and_warm(client, paths, model, partition_size, start)
+    with local_cluster(dask_trim=False) as tuned:
+        result = _cold_and_warm(tuned, paths, model, partition_size, start)
+    with local_cluster(dask_trim=True) as default:
+        _cluster_run(default, paths[:256], model, 128)  # imports and first-use caches
+        result["warm_dask_trim"] = _cluster_run(default, paths, model, partition_size)
+    return result
 
 
 def _cold_and_warm(
@@ -263,11 +291,13 @@ def _cold_and_warm(
     cold = _cluster_run(client, paths, model, partition_size)
     warm = _cluster_run(client, paths, model, partition_size)
     threads = client.run(lambda: __import__("torch").get_num_threads())
+    trim = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     return {
         "cluster_start_seconds": started,
         "cold": cold,
         "warm": warm,
         "worker_torch_threads": sorted(threads.values()),
+        "worker_malloc_trim_threshold": sorted(map(str, trim.values())),
     }
 
 
@@ -297,6 +327,9 @@ def run_side(
         result = run_cluster(paths, model, settings["partition_size"], client)
         cold, warm = result["cold"].pop("scores"), result["warm"].pop("scores")
         result["cold_equals_warm"] = bool(np.array_equal(cold, warm))
+        if "warm_dask_trim" in result:
+            trimmed = result["warm_dask_trim"].pop("scores")
+            result["dask_trim_equals_warm"] = bool(np.array_equal(trimmed, warm))
         np.save(scores_file(settings, side), warm)
     report = {"side": side, "settings": settings, "machine": machine(), **result}
     write_json(path, report)
@@ -328,7 +361,14 @@ def summarize(sides: dict[str, dict[str, Any]]) -> dict[str, Any]:
             )
     if "cluster" in sides:
         s = sides["cluster"]
-        for run in ("cold", "warm"):
+        names = {
+            "cold": "cold",
+            "warm": "warm",
+            "warm_dask_trim": "warm, Dask's `MALLOC_TRIM_THRESHOLD_=65536`",
+        }
+        for run, label in names.items():
+            if run not in s:
+                continue
             r = s[run]
             before = r.get("baseline_rss_mb_workers", [float("nan")] * 2)
             workers = ", ".join(
@@ -337,7 +377,7 @@ def summarize(sides: dict[str, dict[str, Any]]) -> dict[str, Any]:
             )
             rows.append(
                 {
-                    "run": f"2-worker LocalCluster, {run}",
+                    "run": f"2-worker LocalCluster, {label}",
                     "seconds": r["seconds"],
                     "files_per_second": r["files_per_second"],
                     "rss_mb": f"workers {workers}; client peak {r['peak_rss_mb_client']:.0f}",
@@ -384,9 +424,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Cluster start-up (scheduler and two worker processes): "
-            f"{c['cluster_start_seconds']:.1f} s, not included above. *cold*: fresh workers "
-            f"(their imports of torch and timm and the detector's load are included); "
-            f"*warm*: a second `score_files` call on the same workers; "
+            f"{c['cluster_start_seconds']:.1f} s, not included above. Workers start without "
+            "Dask's `MALLOC_TRIM_THRESHOLD_` (config "
+            "`distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`). *cold*: "
+            "fresh workers (their imports of torch and timm and the detector's load are "
+            "included); *warm*: a second `score_files` call on the same workers; the last "
+            "row: warm, on a second cluster with Dask's default environment; "
             f"{c['warm']['partitions']} partitions. RSS: resident memory of each process "
             "before the run and its highest sample (every 50 ms) during it; it includes "
             "the shared libraries of torch.",

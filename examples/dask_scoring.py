@@ -18,6 +18,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 from distributed import Client, LocalCluster
@@ -61,6 +62,9 @@ def main() -> None:
         paths += [str(folder / "damaged.png"), str(folder / "missing.png")]
 
         with (
+            # Dask sets MALLOC_TRIM_THRESHOLD_ in its worker processes, which slows
+            # scoring on the CPU (see docs/scaling.rst); start them without it.
+            dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
             LocalCluster(
                 n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
             ) as cluster,

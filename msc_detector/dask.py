@@ -19,6 +19,7 @@ rows come from one run only, so every path is scored exactly once in the result.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from msc_detector.estimator import MSCDetector
 
 __all__ = ["PARTITION_SIZE", "score_files", "score_to_parquet"]
+
+logger = logging.getLogger(__name__)
 
 #: Files per task: what a worker scores (and re-scores, if it dies) in one go.
 PARTITION_SIZE = 2048
@@ -110,6 +113,14 @@ def _pack(detector: MSCDetector, device: str | torch.device) -> _Shipment:
 
 def _load(kind: str, data: bytes, device: str) -> MSCDetector:
     """Rebuild a shipped detector in this process."""
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        logger.warning(
+            "This worker runs with MALLOC_TRIM_THRESHOLD_=%s (Dask's default), which slows "
+            "scoring on the CPU (see msc-detector's docs, 'Scoring on a Dask cluster'); start "
+            "workers with the Dask config distributed.nanny.pre-spawn-environ."
+            "MALLOC_TRIM_THRESHOLD_ set to null.",
+            os.environ["MALLOC_TRIM_THRESHOLD_"],
+        )
     if kind == "pickle":
         detector: MSCDetector = pickle.loads(data)
         return detector

@@ -7,6 +7,7 @@ worktree and this folder on their path.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,6 +38,8 @@ def client() -> Client:
     os.environ["PYTHONPATH"] = os.pathsep.join(parts)
     try:
         with (
+            # Workers without Dask's MALLOC_TRIM_THRESHOLD_, as the docs advise.
+            dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
             LocalCluster(
                 n_workers=2,
                 threads_per_worker=1,
@@ -290,6 +294,20 @@ def test_benchmark_measures_both_sides(client: Client, tmp_path: Path) -> None:
     assert report["summary"]["max_abs_score_difference"] < 1e-3
     table = dask_scoring.markdown(report)
     assert "| 2-worker LocalCluster, warm |" in table and "in-process" in table
+
+
+def test_a_worker_with_dasks_trim_threshold_logs_a_hint(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    detector = _module_detector(folder)
+    shipment = msc_dask._pack(detector, "auto")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with caplog.at_level(logging.WARNING, logger="msc_detector.dask"):
+        loaded = shipment.detector()
+        assert shipment.detector() is loaded  # loaded once
+    assert caplog.text.count("MALLOC_TRIM_THRESHOLD_=65536") == 1
+    files = _good(folder)[:8]
+    np.testing.assert_array_equal(loaded.score_samples(files), detector.score_samples(files))
 
 
 def _partition_keys(client: Client) -> dict[str, list[str]]:
