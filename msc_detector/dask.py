@@ -25,7 +25,7 @@ import pickle
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 import numpy as np
 
 from msc_detector.cli import scoring
+from msc_detector.table import score_table, table_columns
 
 if TYPE_CHECKING:
     import torch
@@ -134,71 +135,11 @@ def _load(kind: str, data: bytes, device: str) -> MSCDetector:
         return MSCDetector.load(path, device=resolve_device(device))
 
 
-def _columns(neighbors: int, train_paths: bool) -> dict[str, Any]:
-    """Column names and dtypes of the result (``neighbors`` columns pairs per row)."""
-    columns: dict[str, Any] = {"path": "str", "score": "float64", "decision": "float64"}
-    columns["label"] = "str"
-    for j in range(1, neighbors + 1):
-        columns[f"neighbor_{j}"] = "str" if train_paths else "Int64"
-        columns[f"neighbor_{j}_distance"] = "float64"
-    columns["error"] = "str"
-    return columns
-
-
-def _frame(
-    chunks: Iterable[scoring.Chunk], detector: MSCDetector, start: int, neighbors: int
-) -> pd.DataFrame:
-    """Return the rows of one partition, indexed by position in the input."""
-    chunk = _join(list(chunks), neighbors)
-    n = len(chunk.paths)
-    failed = np.array([error is not None for error in chunk.errors], dtype=bool)
-    decision = chunk.scores - float(detector.offset_)
-    label = np.where(decision < 0, "anomaly", "normal").astype(object)
-    label[failed] = None
-    data: dict[str, Any] = {
-        "path": chunk.paths,
-        "score": chunk.scores,
-        "decision": decision,
-        "label": label,
-    }
-    train_paths = detector.train_paths_
-    for j in range(neighbors):
-        index = chunk.neighbors[:, j]
-        if train_paths is None:
-            positions = pd.array(index, dtype="Int64")
-            positions[failed] = pd.NA
-            data[f"neighbor_{j + 1}"] = positions
-        else:
-            data[f"neighbor_{j + 1}"] = [
-                None if bad else train_paths[i] for i, bad in zip(index, failed, strict=True)
-            ]
-        data[f"neighbor_{j + 1}_distance"] = chunk.distances[:, j].astype(np.float64)
-    data["error"] = chunk.errors
-    frame = pd.DataFrame(data, index=pd.RangeIndex(start, start + n, name="position"))
-    return frame.astype(_columns(neighbors, train_paths is not None))
-
-
-def _join(chunks: list[scoring.Chunk], neighbors: int) -> scoring.Chunk:
-    """One chunk holding the rows of ``chunks`` in order."""
-    if not chunks:
-        empty = np.empty((0, neighbors))
-        return scoring.Chunk([], np.empty(0), empty.astype(np.int64), empty, [])
-    return scoring.Chunk(
-        [path for chunk in chunks for path in chunk.paths],
-        np.concatenate([chunk.scores for chunk in chunks]),
-        np.concatenate([chunk.neighbors for chunk in chunks]),
-        np.concatenate([chunk.distances for chunk in chunks]),
-        [error for chunk in chunks for error in chunk.errors],
-    )
-
-
 def _score_partition(
     paths: list[str], start: int, shipment: _Shipment, neighbors: int, chunk_size: int
 ) -> pd.DataFrame:
     """Score one partition of files on a worker (the task)."""
-    detector = shipment.detector()
-    chunks = scoring.score_files(detector, paths, neighbors, chunk_size, progress=False)
-    return _frame(chunks, detector, start, neighbors)
+    return score_table(shipment.detector(), paths, neighbors, chunk_size, start)
 
 
 def _as_paths(paths: Any) -> list[str]:
@@ -312,7 +253,7 @@ def score_files(
     # One copy per worker, loaded on its first task; the frame holds the future.
     shipped = active.scatter(shipment, broadcast=True, hash=False)
     starts = list(range(0, len(files), step))
-    columns = _columns(k, detector.train_paths_ is not None)
+    columns = table_columns(k, detector.train_paths_ is not None)
     meta = pd.DataFrame(
         {name: pd.Series([], dtype=dtype) for name, dtype in columns.items()},
         index=pd.RangeIndex(0, name="position"),
