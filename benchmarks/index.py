@@ -239,11 +239,11 @@ def render() -> str:
             "| class | " + " | ".join(KINDS) + " | largest change |",
             "|---|" + "---|" * (len(KINDS) + 1),
         ]
-        for cls, row in roc["classes"].items():
-            aucs = [100 * row[k]["roc_auc"] for k in KINDS]
+        table = [[100 * row[k]["roc_auc"] for k in KINDS] for row in roc["classes"].values()]
+        for label, aucs in [*zip(roc["classes"], table, strict=True), ("mean", np.mean(table, 0))]:
             change = max(abs(a - aucs[0]) for a in aucs)
             lines.append(
-                f"| {cls} | " + " | ".join(f"{a:.2f}" for a in aucs) + f" | {change:.2f} |"
+                f"| {label} | " + " | ".join(f"{a:.2f}" for a in aucs) + f" | {change:.2f} |"
             )
     text = "\n".join(lines) + "\n"
     (RESULTS / "index.md").write_text(text)
