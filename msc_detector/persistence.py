@@ -27,8 +27,8 @@ A zip archive (``.msc`` by convention) of exactly these members, in this order, 
     ``backbone_spec`` (:meth:`BackboneSpec.to_dict
     <msc_detector.backbones.BackboneSpec.to_dict>`), ``fitted`` (:data:`FITTED`) and
     ``index``: ``{"kind": STR, "params": {STR: INT}, "faiss_class": STR, "dim": D,
-    "ntotal": N}``, the index as built (:meth:`IndexSpec.to_dict
-    <msc_detector.index.IndexSpec.to_dict>`) and the Faiss class, width and size it has.
+    "ntotal": N}``, the index as built (``msc_detector.index.IndexSpec.to_dict``) and
+    the Faiss class, width and size it has.
 ``arrays.safetensors``
     ``center_`` (float32, ``(F,)``), ``train_scores_`` (float64, ``(N,)``) and the
     index, all finite: for ``kind`` ``"flat"`` its vectors, ``index_vectors`` (float32,
