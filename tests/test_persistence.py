@@ -290,7 +290,7 @@ def test_inspect_verifies_without_importing_torch(model) -> None:
     result = json.loads(out)
     assert result["heavy"] == []
     assert result["info"]["fitted"]["n_train_"] == 24
-    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 2
+    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 3
 
 
 def test_inspect_returns_the_metadata(model) -> None:
@@ -535,7 +535,7 @@ def test_newer_format_version_is_refused(saved: Path, reader) -> None:
     members["extra-in-the-new-format.bin"] = b"..."
     members["manifest.json"] = manifest_for(members, version=persistence.FORMAT_VERSION + 1)
     write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match="format 3, written by a newer msc-detector"):
+    with pytest.raises(ModelFileError, match=f"format {persistence.FORMAT_VERSION + 1}, written by a newer msc-detector"):
         reader(saved)
 
 
