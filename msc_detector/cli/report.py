@@ -31,7 +31,7 @@ from msc_detector.cli import evaluation, svg
 from msc_detector.cli.outputs import atomic_file
 from msc_detector.cli.thumbnails import HEAT_COLORS, Thumbnail, make_overlay, make_thumbnail
 
-__all__ = ["MapPeak", "ReportData", "render_report", "write_report"]
+__all__ = ["MapPeak", "ReportData", "anomaly_maps", "render_report", "write_report"]
 
 NORMAL, ANOMALY, UNKNOWN = 0, 1, -1
 _COLORS = {
@@ -122,6 +122,47 @@ class ReportData:
     generated: str = field(
         default_factory=lambda: datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     )
+
+
+def _most_anomalous(scores: np.ndarray, top: int) -> np.ndarray:
+    """Positions of the ``top`` lowest finite scores, lowest first (ties in input order)."""
+    scored = np.flatnonzero(np.isfinite(scores))
+    return scored[np.argsort(scores[scored], kind="stable")][:top]
+
+
+def anomaly_maps(
+    detector: Any, paths: Sequence[str], scores: np.ndarray, top: int
+) -> tuple[dict[int, np.ndarray], dict[int, MapPeak]]:
+    """Anomaly maps and peaks of the images the report shows as most anomalous.
+
+    Parameters
+    ----------
+    detector : MSCDetector
+        Fitted; without a patch bank (``patch_bank_`` is ``None``) there are no maps.
+    paths : sequence of str
+        The scored image files.
+    scores : ndarray of shape (n,)
+        Their scores, NaN where a file could not be read.
+    top : int
+        Images shown in the most anomalous section.
+
+    Returns
+    -------
+    maps : dict of int to ndarray
+        ``ReportData.maps``.
+    peaks : dict of int to MapPeak
+        ``ReportData.peaks``.
+    """
+    shown = _most_anomalous(scores, top)
+    if getattr(detector, "patch_bank_", None) is None or not len(shown):
+        return {}, {}
+    found_maps, found = detector.anomaly_map([paths[i] for i in shown], return_neighbors=True)
+    maps, peaks = {}, {}
+    for j, i in enumerate(shown.tolist()):
+        maps[i] = np.asarray(found_maps[j], np.float32)
+        row, col = (float(v) for v in found["train_position"][j])
+        peaks[i] = MapPeak(float(found["distance"][j]), int(found["train_index"][j]), (row, col))
+    return maps, peaks
 
 
 # ----------------------------------------------------------------------- helpers
@@ -706,7 +747,7 @@ def render_report(data: ReportData) -> str:
     scored = np.isfinite(data.scores)
     labelled = scored & (data.labels >= 0)
     curves = evaluation.curves(data.scores[labelled], data.labels[labelled] == ANOMALY)
-    order = np.flatnonzero(scored)[np.argsort(data.scores[scored], kind="stable")]
+    order = _most_anomalous(data.scores, len(data.scores))
     thumbs = _Thumbs()
     shown = [data.paths[i] for i in (*order[: data.top], *order[::-1][: data.top])]
     names = _short_names(shown)
