@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from benchmarks import pro
 from benchmarks.machine_info import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -267,6 +268,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a detector parameter, the value read as JSON where it parses (else a string); "
         "repeat for more",
     )
+    p.add_argument(
+        "--combined",
+        action="store_true",
+        help="fit with image_score='combined' (unless --param sets it) to measure all scores",
+    )
     p.add_argument("--name", default="defects", help="results file stem")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--show", default=None, help="only write example crops to this folder")
@@ -274,7 +280,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def detector_params(args: argparse.Namespace) -> dict[str, Any]:
-    """``random_state`` and the ``--param`` settings; the rest are the detector's defaults."""
+    """``random_state`` and the ``--param`` settings; the rest are the detector's defaults.
+
+    With ``--combined`` (and a patch bank), ``image_score="combined"`` unless given, so
+    that one fit gives the global, the patch and the combined image score.
+    """
     params: dict[str, Any] = {"random_state": args.seed}
     for item in args.param:
         name, sep, value = item.partition("=")
@@ -284,6 +294,8 @@ def detector_params(args: argparse.Namespace) -> dict[str, Any]:
             params[name] = json.loads(value)
         except json.JSONDecodeError:
             params[name] = value
+    if args.combined and "image_score" not in params and params.get("patch_memory", 1):
+        params["image_score"] = "combined"  # all three image scores from one fit
     return params
 
 
@@ -297,23 +309,50 @@ def _auc(labels: np.ndarray, anomaly: np.ndarray) -> float:
 
 
 def evaluate(data: DefectSet, params: dict[str, Any]) -> dict[str, Any]:
-    """Fit on the training crops, score the test crops, and measure."""
+    """Fit on the training crops, score and map the test crops, and measure.
+
+    Image scores (higher = more anomalous): ``global``, the summed squared distance of
+    the image's embedding to its nearest training embeddings (from ``kneighbors``);
+    ``patch``, the maximum of the anomaly map; and the detector's own ``score_samples``
+    under its ``image_score`` where that is neither (``combined``).
+    """
     from msc_detector import MSCDetector
 
     start, cpu = time.perf_counter(), time.process_time()
     det = MSCDetector(**params).fit(data.train)
     fit_seconds, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
-    anomaly = -det.score_samples(data.test)
+    own = -det.score_samples(data.test)
     score_seconds = time.perf_counter() - start
+    mode = getattr(det, "image_score_", "global")
+    scores = {mode: own}
+    if mode != "global":
+        distances, _ = det.kneighbors(data.test)
+        scores["global"] = (distances.astype(np.float64) ** 2).sum(axis=1)
+    row: dict[str, Any] = {}
+    bank = getattr(det, "patch_bank_", None)
+    if bank is not None:
+        start = time.perf_counter()
+        maps = np.asarray(det.anomaly_map(data.test), np.float64)
+        row["map_images_per_second"] = len(data.test) / (time.perf_counter() - start)
+        if mode != "patch":
+            scores["patch"] = np.nanmax(maps, axis=(1, 2))
+        row["pixel_roc_auc"] = pro.pixel_roc_auc(maps, data.masks)
+        row["pro_30"] = pro.pro_auc(maps, data.masks, 0.3)
+        row["patch_bank_size"] = len(bank)
     labels = data.labels
-    row: dict[str, Any] = {
-        "image_roc_auc": {"global": _auc(labels, anomaly)},
+    order = [k for k in ("global", "patch", "combined") if k in scores]
+    row |= {
+        "image_roc_auc": {k: _auc(labels, scores[k]) for k in order},
         "image_roc_auc_per_defect": {
-            kind: _auc(labels[keep], anomaly[keep])
-            for kind in DEFECTS
-            if (keep := np.isin(data.kinds, (GOOD, kind))).any()
+            name: {
+                kind: _auc(labels[keep], score[keep])
+                for kind in DEFECTS
+                if (keep := np.isin(data.kinds, (GOOD, kind))).any()
+            }
+            for name, score in ((k, scores[k]) for k in order)
         },
+        "image_score": mode,
         "fit_seconds": fit_seconds,
         "fit_cpu_seconds": fit_cpu,
         "score_images_per_second": len(data.test) / score_seconds,
@@ -403,9 +442,9 @@ def render(result: dict[str, Any], path: Path) -> str:
     """The Markdown report of ``result``: one row per texture and the mean."""
     rows = result["textures"]
     scores = list(dict.fromkeys(k for r in rows.values() for k in r["image_roc_auc"]))
-    local = [k for k in ("pixel_roc_auc", "pro_30") if any(k in r for r in rows.values())]
+    local = [k for k in _LOCAL if any(k in r for r in rows.values())]
     head = [f"image ROC-AUC % ({s})" for s in scores] + [_LOCAL[k] for k in local]
-    head += ["fit s", "scoring img/s", "peak RSS MiB"]
+    head += ["fit s", "scoring img/s", "maps img/s", "peak RSS MiB"]
     lines = [
         f"# {path.stem}",
         "",
@@ -420,9 +459,11 @@ def render(result: dict[str, Any], path: Path) -> str:
     def cells(r: dict[str, Any]) -> list[str]:
         out = [_pct(r["image_roc_auc"].get(s)) for s in scores]
         out += [_pct(r.get(k)) for k in local]
+        maps = r.get("map_images_per_second")
         out += [
             f"{r['fit_seconds']:.1f}",
             f"{r['score_images_per_second']:.1f}",
+            "" if maps is None else f"{maps:.1f}",
             f"{r['peak_rss_mb']:.0f}",
         ]
         return out
@@ -436,18 +477,24 @@ def render(result: dict[str, Any], path: Path) -> str:
             else ""
             for s in scores
         ]
-        means += [_pct(float(np.mean([r[k] for r in rows.values()]))) for k in local]
-        lines.append("| **mean** | " + " | ".join(f"**{m}**" for m in means) + " | | | |")
+        means += [
+            _pct(float(np.mean([r[k] for r in rows.values()])))
+            if all(k in r for r in rows.values())
+            else ""
+            for k in local
+        ]
+        lines.append("| **mean** | " + " | ".join(f"**{m}**" for m in means) + " | | | | |")
     lines += [
         "",
-        "Image ROC-AUC % per defect kind (good test crops against that kind), first score:",
+        "Image ROC-AUC % per defect kind (the good test crops against that kind's):",
         "",
-        "| texture | " + " | ".join(DEFECTS) + " |",
-        "|---" * (len(DEFECTS) + 1) + "|",
+        "| texture | score | " + " | ".join(DEFECTS) + " |",
+        "|---|---" + "|---" * len(DEFECTS) + "|",
     ]
     for texture, r in rows.items():
-        per = r["image_roc_auc_per_defect"]
-        lines.append(f"| {texture} | " + " | ".join(_pct(per.get(k)) for k in DEFECTS) + " |")
+        for name, per in r["image_roc_auc_per_defect"].items():
+            cells_ = " | ".join(_pct(per.get(k)) for k in DEFECTS)
+            lines.append(f"| {texture} | {name} | {cells_} |")
     lines += ["", "Commands:", ""]
     lines += [f"- {texture}: `{r['command']}`" for texture, r in rows.items()]
     for texture, r in rows.items():
