@@ -1,5 +1,8 @@
 """A small wrapper around an exact Faiss L2 index: build, chunked search, leave-self-out.
 
+:class:`PatchIndex` adds, per indexed patch, the training image it came from and its
+place in the feature grid, for leave-one-image-out searches and explanations.
+
 The index lives on the CPU. Searches move it to a GPU only when ``faiss-gpu`` is
 installed and a GPU is asked for; pickling goes through ``faiss.serialize_index``.
 """
@@ -11,7 +14,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["KNNIndex"]
+__all__ = ["KNNIndex", "PatchIndex"]
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
@@ -138,3 +141,93 @@ class KNNIndex:
         blob = state["index"]
         self.index = None if blob is None else faiss.deserialize_index(np.asarray(blob))
         self._search_index = None
+
+
+class PatchIndex:
+    """Patch embeddings of training images with their owners, under exact L2 search.
+
+    Parameters
+    ----------
+    vectors : ndarray of shape (m, d)
+        The patch embeddings.
+    owners : ndarray of shape (m,)
+        Index of the training image each patch comes from.
+    positions : ndarray of shape (m, 2)
+        Row and column of each patch in its image's feature grid.
+    grid : tuple of int
+        ``(h, w)``, the feature grid of every image.
+
+    Attributes
+    ----------
+    index : KNNIndex
+    owners, positions : ndarray, int64
+    grid : tuple of int
+    """
+
+    # Neighbours fetched first by a leave-one-image-out search; doubled where needed.
+    _FIRST_K = 16
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        owners: np.ndarray,
+        positions: np.ndarray,
+        grid: tuple[int, int],
+    ) -> None:
+        self.index = KNNIndex().fit(vectors)
+        self.owners = np.ascontiguousarray(owners, dtype=np.int64)
+        self.positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1, 2)
+        self.grid = (int(grid[0]), int(grid[1]))
+        if not len(self.owners) == len(self.positions) == self.index.ntotal:
+            raise ValueError("A patch index needs one owner and one position per vector.")
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def vectors(self) -> np.ndarray:
+        """Return the indexed patch embeddings, ``(m, d)`` float32."""
+        return self.index.vectors()
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distance to, and position in the index of, each query's nearest patch.
+
+        Returns
+        -------
+        distances : ndarray of shape (q,), float32
+        indices : ndarray of shape (q,), int64
+        """
+        dists, idx = self.index.search(queries, 1)
+        return dists[:, 0], idx[:, 0]
+
+    def nearest_other_image(
+        self, queries: np.ndarray, query_owners: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`nearest`, among the patches of images other than each query's own.
+
+        A query whose image owns every indexed patch gets its nearest own patch.
+
+        Parameters
+        ----------
+        queries : ndarray of shape (q, d)
+        query_owners : ndarray of shape (q,)
+            The training image each query comes from.
+        """
+        query_owners = np.asarray(query_owners, dtype=np.int64)
+        dists = np.empty(len(queries), np.float32)
+        found = np.empty(len(queries), np.int64)
+        todo = np.arange(len(queries))
+        k = min(self._FIRST_K, len(self))
+        while len(todo):
+            d, i = self.index.search(queries[todo], k)
+            other = self.owners[i] != query_owners[todo, None]
+            hit = other.any(axis=1)
+            first = other.argmax(axis=1)
+            rows = np.flatnonzero(hit)
+            dists[todo[rows]] = d[rows, first[rows]]
+            found[todo[rows]] = i[rows, first[rows]]
+            todo = todo[~hit]
+            if k == len(self) and len(todo):  # only own patches: the nearest of those
+                dists[todo], found[todo] = d[~hit, 0], i[~hit, 0]
+                break
+            k = min(2 * k, len(self))
+        return dists, found

@@ -290,7 +290,7 @@ def test_inspect_verifies_without_importing_torch(model) -> None:
     result = json.loads(out)
     assert result["heavy"] == []
     assert result["info"]["fitted"]["n_train_"] == 24
-    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 2
+    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 3
 
 
 def test_inspect_returns_the_metadata(model) -> None:
@@ -323,8 +323,10 @@ def test_the_file_holds_the_index_vectors_and_prefixed_networks(model) -> None:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
     members = read_members(path)
     arrays = safetensors.numpy.load(members["arrays.safetensors"])
-    assert sorted(arrays) == ["center_", "index_vectors", "train_scores_"]
+    patches = ["patch_grid", "patch_owners", "patch_positions", "patch_vectors"]
+    assert sorted(arrays) == ["center_", "index_vectors", *patches, "train_scores_"]
     np.testing.assert_array_equal(arrays["index_vectors"], detector.index_.vectors())
+    np.testing.assert_array_equal(arrays["patch_vectors"], detector.patch_bank_.vectors())
     keys = safetensors.torch.load(members["networks.safetensors"])
     assert keys and all(key.startswith("backbone.") for key in keys)
 
@@ -535,7 +537,8 @@ def test_newer_format_version_is_refused(saved: Path, reader) -> None:
     members["extra-in-the-new-format.bin"] = b"..."
     members["manifest.json"] = manifest_for(members, version=persistence.FORMAT_VERSION + 1)
     write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match="format 3, written by a newer msc-detector"):
+    newer = persistence.FORMAT_VERSION + 1
+    with pytest.raises(ModelFileError, match=f"format {newer}, written by a newer msc-detector"):
         reader(saved)
 
 
