@@ -23,7 +23,7 @@ A zip archive (``.msc`` by convention) of exactly these members, in this order, 
     A JSON object with exactly the keys of :data:`METADATA_SCHEMA`: ``estimator`` (never
     imported), ``created`` (UTC, ISO 8601), ``versions`` (of the libraries at saving),
     ``params`` (``get_params(deep=False)``, with ``null`` for what JSON cannot hold;
-    ``preprocess`` may be an object of its fields),
+    ``preprocess`` may be an object of its fields, ``patch_stages`` an array),
     ``backbone_spec`` (:meth:`BackboneSpec.to_dict
     <msc_detector.backbones.BackboneSpec.to_dict>`) and ``fitted`` (:data:`FITTED`).
 ``arrays.safetensors``
@@ -200,9 +200,10 @@ METADATA_SCHEMA: dict[str, Field] = {
     "created": Field(_is(str), "a string"),
     "versions": Field(_mapping(_is(str)), "an object of strings"),
     "params": Field(
-        _mapping(lambda v: _SCALAR(v) or _mapping(lambda f: _SCALAR(f) or _NUMBERS(f))(v)),
-        "an object of nulls, booleans, numbers, strings and objects of those or of arrays of "
-        "numbers",
+        _mapping(
+            lambda v: _SCALAR(v) or _NUMBERS(v) or _mapping(lambda f: _SCALAR(f) or _NUMBERS(f))(v)
+        ),
+        "an object of nulls, booleans, numbers, strings, arrays of numbers and objects of those",
     ),
     "backbone_spec": Field(
         _is(dict, test=lambda v: _POSITIVE(v.get("num_features"))),
@@ -426,9 +427,12 @@ def _saved_model(
     """Assemble a :class:`SavedModel` from checked members and networks."""
     from msc_detector.index import KNNIndex, PatchIndex
 
-    params = {  # JSON arrays come back as the tuples they were (preprocess' mean and std)
+    # JSON arrays come back as the tuples they were (patch_stages, preprocess' mean and std)
+    params = {
         name: {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         if isinstance(value, dict)
+        else tuple(value)
+        if isinstance(value, list)
         else value
         for name, value in metadata["params"].items()
     }

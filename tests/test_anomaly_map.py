@@ -245,6 +245,7 @@ def test_maps_and_scores_survive_saving_and_pickling(fitted, tmp_path, image_sco
         random_state=0,
         patch_memory=20,
         image_score=image_score,
+        patch_stages=(2, 3),
     ).fit(images)
     maps, neighbors = det.anomaly_map(images[:3], return_neighbors=True)
     det.save(tmp_path / "m.msc")
@@ -257,6 +258,7 @@ def test_maps_and_scores_survive_saving_and_pickling(fitted, tmp_path, image_sco
         assert other.image_score_ == image_score and other.score_scales_ == det.score_scales_
         np.testing.assert_array_equal(other.patch_bank_.owners, det.patch_bank_.owners)
         assert other.patch_stages_ == det.patch_stages_ == ("blocks.2", "blocks.4")
+        assert other.get_params() == det.get_params()  # patch_stages comes back a tuple
 
 
 def test_a_format_2_file_loads_without_a_patch_bank(fitted, tmp_path) -> None:
