@@ -4,9 +4,10 @@ The normal surfaces are scikit-image's texture photos ``brick``, ``grass`` and `
 (512 x 512, grayscale, inside its wheel). Training crops come from the top part of a
 photo, test crops from the rows below it, so no test pixel was seen in training. Half of
 the test crops get one procedural defect from PyPI's ``defect-synthesis`` (scratch,
-crack, stain, pit cluster or burn, equally many of each) with its exact pixel mask; the
-defective image is turned back to grayscale, so a defect differs from the surface in
-shape and brightness only. Every random choice is seeded.
+crack, stain, pit cluster or burn, equally many of each) with its exact pixel mask, in
+the colours the package paints them (rust, oil, amber scorch) on the grey surface;
+``--gray`` turns the defective crops back to grayscale, so that a defect differs from
+the surface in shape and brightness only. Every random choice is seeded.
 
 Reported per texture: image-level ROC-AUC (per score the detector offers, and per
 defect kind), with anomaly maps pixel-level ROC-AUC and PRO up to a 30% false-positive
@@ -68,8 +69,8 @@ class DefectSet:
     texture : str
     train : ndarray of shape (n_train, size, size), uint8
         Defect-free crops from the training rows of the photo.
-    test : ndarray of shape (n_test, size, size), uint8
-        Crops from the test rows, with or without a defect.
+    test : ndarray of shape (n_test, size, size, 3) or (n_test, size, size), uint8
+        Crops from the test rows, with or without a defect; RGB unless built in grey.
     masks : ndarray of shape (n_test, size, size), bool
         True on defect pixels; all False for a good crop.
     kinds : ndarray of shape (n_test,), str
@@ -137,22 +138,27 @@ def _generator(kind: str, size: int, stain: str) -> Any:
     raise ValueError(f"unknown defect {kind!r}; choose from {DEFECTS}")
 
 
-def add_defect(crop: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def add_defect(
+    crop: np.ndarray, kind: str, seed: int, color: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw one defect of ``kind`` on a grayscale crop.
 
     Parameters
     ----------
     crop : ndarray of shape (size, size), uint8
-        Not modified.
+        Grayscale; not modified.
     kind : str
         One of :data:`DEFECTS`.
     seed : int
         Fixes the defect; draws that leave no defect pixel are redrawn.
+    color : bool, default=True
+        Keep the defect's colours (rust, oil, amber scorch) in an RGB image; else
+        return the defective crop in grayscale.
 
     Returns
     -------
-    image : ndarray of shape (size, size), uint8
-        The crop with the defect, in grayscale.
+    image : ndarray of shape (size, size, 3) or (size, size), uint8
+        The crop with the defect, RGB where ``color``.
     mask : ndarray of shape (size, size), bool
         True on the defect's pixels.
     """
@@ -166,7 +172,8 @@ def add_defect(crop: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.n
             result = _generator(kind, crop.shape[0], stain).apply(bgr)
         mask = result.anomaly_mask > 0
         if mask.any():
-            return cv2.cvtColor(result.image, cv2.COLOR_BGR2GRAY), mask
+            code = cv2.COLOR_BGR2RGB if color else cv2.COLOR_BGR2GRAY
+            return cv2.cvtColor(result.image, code), mask
     raise RuntimeError(f"no {kind} with a non-empty mask in {_ATTEMPTS} draws (seed {seed})")
 
 
@@ -194,6 +201,7 @@ def build(
     n_per_defect: int = 15,
     train_share: float = 0.6,
     seed: int = 0,
+    color: bool = True,
 ) -> DefectSet:
     """Training and test crops of one texture photo.
 
@@ -211,6 +219,9 @@ def build(
         Share of the photo's rows, from the top, that training crops come from; test
         crops come from the rest.
     seed : int, default=0
+    color : bool, default=True
+        Test crops in RGB, the defects in the colours ``defect-synthesis`` paints them
+        (the surface stays grey); else everything in grayscale.
 
     Returns
     -------
@@ -223,12 +234,13 @@ def build(
     rng = np.random.default_rng([seed, key])
     train = _crops(image, (0, split), size, n_train, rng)
     n_bad = n_per_defect * len(DEFECTS)
-    test = _crops(image, (split, image.shape[0]), size, n_good + n_bad, rng)
-    masks = np.zeros(test.shape, bool)
+    crops = _crops(image, (split, image.shape[0]), size, n_good + n_bad, rng)
+    masks = np.zeros(crops.shape, bool)
+    test = np.repeat(crops[..., None], 3, axis=3) if color else crops.copy()
     kinds = np.array([GOOD] * n_good + [k for k in DEFECTS for _ in range(n_per_defect)])
     for i in range(n_good, len(test)):
         test[i], masks[i] = add_defect(
-            test[i], str(kinds[i]), seed=(seed * 2**20 + key) * 4096 + i
+            crops[i], str(kinds[i]), seed=(seed * 2**20 + key) * 4096 + i, color=color
         )
     return DefectSet(texture, train, test, masks, kinds)
 
@@ -242,7 +254,9 @@ def show(data: DefectSet, folder: str | os.PathLike[str], per_kind: int = 3) -> 
     written = []
     for kind in (GOOD, *DEFECTS):
         for j, i in enumerate(np.flatnonzero(data.kinds == kind)[:per_kind]):
-            pair = np.concatenate([data.test[i], data.masks[i].astype(np.uint8) * 255], axis=1)
+            image = data.test[i] if data.test.ndim == 4 else data.test[i][..., None]
+            mask = np.repeat(data.masks[i][..., None].astype(np.uint8) * 255, 3, axis=2)
+            pair = np.concatenate([np.broadcast_to(image, mask.shape), mask], axis=1)
             path = out / f"{data.texture}_{kind}_{j}.png"
             Image.fromarray(pair).save(path)
             written.append(path)
@@ -260,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--good", type=int, default=75, help="good test crops per texture")
     p.add_argument("--per-defect", type=int, default=15, help="test crops per defect kind")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and the detector")
+    p.add_argument("--gray", action="store_true", help="defective crops in grayscale")
     p.add_argument(
         "--param",
         action="append",
@@ -375,6 +390,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 n_good=args.good,
                 n_per_defect=args.per_defect,
                 seed=args.seed,
+                color=not args.gray,
             )
             for path in show(data, args.show):
                 print(path)
@@ -389,6 +405,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "good": args.good,
         "per_defect": args.per_defect,
         "seed": args.seed,
+        "color": not args.gray,
         "params": {k: str(v) for k, v in sorted(params.items())},
     }
     result: dict[str, Any] = {"settings": settings, "textures": {}}
@@ -411,6 +428,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             n_good=args.good,
             n_per_defect=args.per_defect,
             seed=args.seed,
+            color=not args.gray,
         )
         row = evaluate(data, params)
         row["command"] = command

@@ -113,8 +113,9 @@ def test_training_and_test_crops_come_from_disjoint_rows() -> None:
     split = round(160 * 0.6)
     assert data.train.shape == (20, 32, 32) and data.train.dtype == np.uint8
     assert data.train.max() < split
+    assert data.test.shape == (6 + 5, 32, 32, 3)  # RGB: the defects keep their colours
     good = data.test[data.kinds == defects.GOOD]
-    assert good.min() >= split
+    assert good.min() >= split and np.all(good == good[..., :1])  # grey surface
     # Defective crops come from there too: a defect paints over less than half a crop.
     assert np.all(np.median(data.test[data.labels == 1], axis=(1, 2)) >= split)
 
@@ -129,9 +130,14 @@ def test_test_set_has_each_defect_with_a_mask_where_the_image_changed() -> None:
     crop = texture[100:164, 50:114]
     for kind in defects.DEFECTS:
         image, mask = defects.add_defect(crop, kind, seed=5)
-        assert image.shape == crop.shape and image.dtype == np.uint8
-        change = np.abs(image.astype(int) - crop)
+        assert image.shape == (*crop.shape, 3) and image.dtype == np.uint8
+        change = np.abs(image.astype(int) - crop[..., None]).max(axis=2)
         assert change[mask].mean() > 3 * change[~mask].mean() + 5, kind
+        grey, same_mask = defects.add_defect(crop, kind, seed=5, color=False)
+        assert grey.shape == crop.shape and np.array_equal(mask, same_mask)
+    grey_set = defects.build("gravel", texture, size=64, n_train=2, n_good=3, n_per_defect=2,
+                             color=False)  # fmt: skip
+    assert grey_set.test.shape == (13, 64, 64) and np.array_equal(grey_set.masks, data.masks)
 
 
 def test_the_data_is_fixed_by_the_seed_and_leaves_global_state_alone() -> None:
@@ -156,3 +162,26 @@ def test_photos_are_scikit_images_textures() -> None:
     assert defects.photo("brick").shape == (512, 512)
     with pytest.raises(ValueError, match="unknown texture"):
         defects.photo("marble")
+
+
+# -------------------------------------------------------------------------- runs
+
+
+def test_a_tiny_run_reports_every_score_and_resumes(tmp_path, capsys) -> None:
+    argv = ["--textures", "brick", "--size", "32", "--train-size", "12", "--good", "4"]
+    argv += ["--per-defect", "1", "--combined", "--results-dir", str(tmp_path), "--name", "t"]
+    for param in ("weights=null", "image_size=32", "batch_size=8", "patch_memory=64"):
+        argv += ["--param", param]
+    result = defects.run(argv)
+    row = result["textures"]["brick"]
+    assert list(row["image_roc_auc"]) == ["global", "patch", "combined"]
+    assert all(0 <= v <= 1 for v in row["image_roc_auc"].values())
+    assert 0 <= row["pixel_roc_auc"] <= 1 and 0 <= row["pro_30"] <= 1
+    assert row["patch_bank_size"] <= 64 and row["n_test"] == 4 + 5
+    assert set(row["image_roc_auc_per_defect"]["patch"]) == set(defects.DEFECTS)
+    table = (tmp_path / "t.md").read_text()
+    assert "| **mean** |" in table and "PRO@30% %" in table
+    assert row["command"].startswith("python -m benchmarks.defects --textures brick")
+    capsys.readouterr()
+    assert defects.run(argv)["textures"] == result["textures"]  # done: nothing refitted
+    assert "brick: image" not in capsys.readouterr().out
