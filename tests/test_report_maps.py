@@ -8,8 +8,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from msc_detector import MSCDetector
+from msc_detector.cli import main
 from msc_detector.cli.report import MapPeak, render_report
 from msc_detector.cli.thumbnails import HEAT_COLORS, Thumbnail, make_overlay, make_thumbnail
 from tests.test_report import _report_data
@@ -78,3 +81,39 @@ def test_report_shows_maps_beside_flagged_images_only_when_it_has_them(tmp_path:
     sources = re.findall(r'<img src="([^"]*)"', document)
     assert all(re.fullmatch(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+", s) for s in sources)
     assert len(sources) == len(re.findall(r'<img src="', plain)) + 3
+
+
+def _folders(root: Path) -> tuple[Path, Path]:
+    """Training images (smooth blobs) and test images (blobs, two with a bright square)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    for folder, count in (("train", 12), ("test", 4)):
+        (root / folder).mkdir()
+        for i in range(count):
+            cy, cx = rng.uniform(10, 22, size=2)
+            image = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 40.0) * 120
+            if folder == "test" and i < 2:
+                image[4:12, 20:28] = 255
+            Image.fromarray(image.astype(np.uint8)).save(root / folder / f"{folder}_{i}.png")
+    return root / "train", root / "test"
+
+
+@pytest.mark.parametrize("patch_memory", [64, None])
+def test_report_command_shows_maps_for_a_detector_with_a_patch_bank(
+    tmp_path: Path, fast_params: dict, patch_memory: int | None
+) -> None:
+    train, test = _folders(tmp_path)
+    detector = MSCDetector(**fast_params, patch_memory=patch_memory, num_workers=0)
+    detector.fit(sorted(str(p) for p in train.iterdir()))
+    detector.save(tmp_path / "model.msc")
+    page = tmp_path / "report.html"
+    args = ["report", str(tmp_path / "model.msc"), str(test), "-o", str(page), "--top", "3"]
+    assert main([*args, "-q"]) == 0
+    document = page.read_text()
+    if patch_memory is None:
+        assert "anomaly map" not in document
+        return
+    assert document.count(">anomaly map<") == 3
+    assert document.count("nearest normal patch to the peak") == 3
+    ringed = re.findall(r'<figure class="map" title="([^"]*)"', document)
+    assert [Path(t).parent.name for t in ringed] == ["test", "train"] * 3
