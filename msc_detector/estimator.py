@@ -53,6 +53,8 @@ _DIVERGED = (
     "Lower lr or weight_decay, or use precision='fp32'. A previously fitted model is unchanged."
 )
 _IMAGE_SCORES = ("global", "patch", "combined")
+# Training images whose leave-self-out patch distances set the bank's baseline.
+_BASELINE_IMAGES = 256
 # The fitted state of a detector without a patch bank (and of epoch-callback snapshots).
 _NO_PATCHES: dict[str, Any] = {
     "patch_bank_": None,
@@ -507,6 +509,18 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         assert coreset is not None  # fit has at least two images
         vectors, tags = coreset.result()
         bank = PatchIndex(vectors.numpy(), tags[:, 0], tags[:, 1:], grid)
+        # Patches near the border have fewer look-alikes than inner ones (the padding
+        # makes each position its own kind), so their nearest distances run higher: the
+        # map shows each distance above the typical one at its position.
+        sample = np.unique(np.linspace(0, len(images) - 1, _BASELINE_IMAGES).round())
+        typical = [
+            _patch_distances(patcher, bank, batch, chunk)[0]
+            for chunk in np.array_split(
+                sample.astype(np.int64), -(-len(sample) // self.batch_size)
+            )
+            for batch in images.batches(len(chunk), order=chunk)
+        ]
+        bank.baseline = torch.cat(typical).mean(dim=0).numpy()
         state = {
             **_NO_PATCHES,
             "patch_bank_": bank,
@@ -697,8 +711,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         """Per-pixel anomaly maps: where each image differs from the normal training patches.
 
         Every patch of the image's feature grid (see ``patch_stages``) is scored by its
-        Euclidean distance to the nearest patch in ``patch_bank_``; the grid of
-        distances is upsampled to the network's input, smoothed with a Gaussian
+        Euclidean distance to the nearest patch in ``patch_bank_``, less the typical
+        such distance of a normal patch at the same grid position (``baseline``, from
+        leave-one-image-out distances of up to 256 training images: without it, border
+        patches, which have fewer look-alikes, dominate the maps); the grid of scores
+        is upsampled to the network's input, smoothed with a Gaussian
         (sigma 4 pixels at a 224-pixel input, in proportion otherwise) and placed back
         on the image at its own size. Pixels the network never sees are NaN: the parts
         of a non-square image outside its centred square, and the border that a
@@ -720,12 +737,12 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         neighbors : dict of ndarray
             Only with ``return_neighbors``. ``"peak"`` ``(n, 2)`` float64: row and
             column of the map's maximum; ``"distance"`` ``(n,)`` float32: the distance
-            of the patch there to its nearest bank patch; ``"train_index"`` ``(n,)``
-            int64: the training image of that bank patch (an index into the training
-            set, and into ``train_paths_`` where it exists); ``"train_position"``
-            ``(n, 2)`` float64: the centre of that bank patch as fractions (0-1) of the
-            height and width of the training image's network input (of the image itself
-            for a square image with ``crop_pct=1``).
+            of the patch there to its nearest bank patch (without the baseline);
+            ``"train_index"`` ``(n,)`` int64: the training image of that bank patch (an
+            index into the training set, and into ``train_paths_`` where it exists);
+            ``"train_position"`` ``(n, 2)`` float64: the centre of that bank patch as
+            fractions (0-1) of the height and width of the training image's network
+            input (of the image itself for a square image with ``crop_pct=1``).
 
         Raises
         ------
@@ -752,7 +769,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
                     row = min(h - 1, max(0, int(ny / size * h)))
                     col = min(w - 1, max(0, int(nx / size * w)))
                     found["peak"].append((float(y), float(x)))
-                    found["distance"].append(float(dist[j, row, col]))
+                    raw = dist[j, row, col] + float(bank.baseline[row, col])
+                    found["distance"].append(float(raw))
                     found["index"].append(int(nearest[j, row, col]))
         out: np.ndarray | list[np.ndarray] = maps
         if maps and all(m.shape == maps[0].shape for m in maps):
@@ -1057,8 +1075,9 @@ def _patch_distances(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Distance of each patch of ``batch`` to its nearest bank patch, and that patch.
 
-    With ``owners`` (the training image of each image of the batch), a patch is
-    matched only with patches of other images (leave-self-out).
+    Distances are less the bank's baseline at their grid position. With ``owners``
+    (the training image of each image of the batch), a patch is matched only with
+    patches of other images (leave-self-out).
 
     Returns
     -------
@@ -1073,8 +1092,8 @@ def _patch_distances(
         squared, nearest = bank.nearest(queries)
     else:
         squared, nearest = bank.nearest_other_image(queries, np.repeat(owners, h * w))
-    distances = torch.from_numpy(np.sqrt(np.maximum(squared, 0.0))).reshape(n, h, w)
-    return distances, nearest.reshape(n, h, w)
+    distances = np.sqrt(np.maximum(squared, 0.0)).reshape(n, h, w) - bank.baseline
+    return torch.from_numpy(distances), nearest.reshape(n, h, w)
 
 
 def _map_maxima(distances: torch.Tensor, size: int) -> np.ndarray:

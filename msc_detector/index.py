@@ -156,12 +156,17 @@ class PatchIndex:
         Row and column of each patch in its image's feature grid.
     grid : tuple of int
         ``(h, w)``, the feature grid of every image.
+    baseline : ndarray of shape (h, w), optional
+        The typical distance from a normal patch at each grid position to the nearest
+        patch of another image: what a distance there is measured against. Zeros when
+        not given.
 
     Attributes
     ----------
     index : KNNIndex
     owners, positions : ndarray, int64
     grid : tuple of int
+    baseline : ndarray of shape (h, w), float32
     """
 
     # Neighbours fetched first by a leave-one-image-out search; doubled where needed.
@@ -173,11 +178,15 @@ class PatchIndex:
         owners: np.ndarray,
         positions: np.ndarray,
         grid: tuple[int, int],
+        baseline: np.ndarray | None = None,
     ) -> None:
         self.index = KNNIndex().fit(vectors)
         self.owners = np.ascontiguousarray(owners, dtype=np.int64)
         self.positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1, 2)
         self.grid = (int(grid[0]), int(grid[1]))
+        self.baseline = np.zeros(self.grid, np.float32)
+        if baseline is not None:
+            self.baseline = np.ascontiguousarray(baseline, dtype=np.float32).reshape(self.grid)
         if not len(self.owners) == len(self.positions) == self.index.ntotal:
             raise ValueError("A patch index needs one owner and one position per vector.")
 

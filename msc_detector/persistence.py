@@ -36,8 +36,8 @@ A zip archive (``.msc`` by convention) of exactly these members, in this order, 
     (``fitted.patch_stages_`` not empty), also ``patch_vectors`` (float32, ``(M, P)``,
     finite), ``patch_owners`` (int64, ``(M,)``, training image indices in ``[0, N)``),
     ``patch_positions`` (int64, ``(M, 2)``, row and column in the grid) and
-    ``patch_grid`` (int64, ``(2,)``, the grid's height and width), with
-    ``1 <= M <= params.patch_memory``.
+    ``patch_grid`` (int64, ``(2,)``, the grid's height and width ``h, w``) and
+    ``patch_baseline`` (float32, ``(h, w)``, finite), with ``1 <= M <= params.patch_memory``.
 ``networks.safetensors``
     The fine-tuned headless timm network's state dict under the key prefix
     ``backbone.`` and, where the detector keeps one, the pretrained network's (which
@@ -193,7 +193,13 @@ FITTED: dict[str, Field] = {
 }
 #: What a format-2 file (no patch bank) means for the fitted keys format 3 added.
 _FORMAT_2_FITTED = {"patch_stages_": [], "image_score_": "global", "score_scales_": [1.0, 1.0]}
-_PATCH_ARRAYS = ("patch_vectors", "patch_owners", "patch_positions", "patch_grid")
+_PATCH_ARRAYS = (
+    "patch_vectors",
+    "patch_owners",
+    "patch_positions",
+    "patch_grid",
+    "patch_baseline",
+)
 #: The keys of ``metadata.json``; :func:`decode` checks ``backbone_spec`` further.
 METADATA_SCHEMA: dict[str, Field] = {
     "estimator": Field(_is(str), "a string"),
@@ -271,6 +277,7 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
         arrays["patch_owners"] = np.ascontiguousarray(bank.owners, dtype=np.int64)
         arrays["patch_positions"] = np.ascontiguousarray(bank.positions, dtype=np.int64)
         arrays["patch_grid"] = np.asarray(bank.grid, dtype=np.int64)
+        arrays["patch_baseline"] = np.ascontiguousarray(bank.baseline, dtype=np.float32)
     payload = {  # default=: numpy scalars creep into history_
         METADATA: json.dumps(metadata, indent=2, default=lambda v: v.item()).encode(),
         ARRAYS: save_arrays(arrays),
@@ -451,6 +458,7 @@ def _saved_model(
             arrays["patch_owners"],
             arrays["patch_positions"],
             (int(arrays["patch_grid"][0]), int(arrays["patch_grid"][1])),
+            arrays["patch_baseline"],
         )
         if "patch_vectors" in arrays
         else None,
@@ -516,7 +524,8 @@ def _patch_arrays_expected(
     """Return the dtypes and shapes of the patch-bank arrays (their size within budget)."""
     if any(name not in arrays for name in _PATCH_ARRAYS):
         raise _error(where, f"{ARRAYS} lacks the patch bank arrays {list(_PATCH_ARRAYS)}.")
-    vectors = arrays["patch_vectors"]
+    vectors, grid = arrays["patch_vectors"], arrays["patch_grid"]
+    rows, cols = (int(grid[0]), int(grid[1])) if grid.shape == (2,) else (-1, -1)
     m = vectors.shape[0] if vectors.ndim == 2 else -1
     memory = params.get("patch_memory")
     if m < 1 or not (_POSITIVE(memory) and m <= int(memory)):  # type: ignore[arg-type]
@@ -526,6 +535,7 @@ def _patch_arrays_expected(
         "patch_owners": ("int64", (m,)),
         "patch_positions": ("int64", (m, 2)),
         "patch_grid": ("int64", (2,)),
+        "patch_baseline": ("float32", (rows, cols)),
     }
 
 

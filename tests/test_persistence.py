@@ -323,7 +323,7 @@ def test_the_file_holds_the_index_vectors_and_prefixed_networks(model) -> None:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
     members = read_members(path)
     arrays = safetensors.numpy.load(members["arrays.safetensors"])
-    patches = ["patch_grid", "patch_owners", "patch_positions", "patch_vectors"]
+    patches = ["patch_baseline", "patch_grid", "patch_owners", "patch_positions", "patch_vectors"]
     assert sorted(arrays) == ["center_", "index_vectors", *patches, "train_scores_"]
     np.testing.assert_array_equal(arrays["index_vectors"], detector.index_.vectors())
     np.testing.assert_array_equal(arrays["patch_vectors"], detector.patch_bank_.vectors())
