@@ -94,6 +94,13 @@ def fitted() -> tuple[MSCDetector, np.ndarray]:
     return MSCDetector(**params, random_state=0, patch_memory=20).fit(images), images
 
 
+@pytest.fixture(scope="module")
+def keep_all(fitted) -> MSCDetector:
+    """The same detector, with every training patch in its bank."""
+    det, images = fitted
+    return MSCDetector(**{**det.get_params(), "patch_memory": 10_000}).fit(images)
+
+
 def test_every_input_form_gives_the_same_maps(fitted, tmp_path: Path) -> None:
     det, images = fitted
     expected = det.anomaly_map(images[:3])
@@ -135,18 +142,16 @@ def test_images_of_different_sizes_get_maps_of_their_own_sizes(fitted) -> None:
     assert np.isnan(maps[2][:10]).all() and not np.isnan(maps[2][16:48]).any()
 
 
-def test_the_patch_bank_holds_at_most_patch_memory_patches(fitted) -> None:
+def test_the_patch_bank_holds_at_most_patch_memory_patches(fitted, keep_all) -> None:
     det, images = fitted
     bank = det.patch_bank_
     assert len(bank) == 20 and bank.grid == (4, 4)
     assert bank.owners.min() >= 0 and bank.owners.max() < len(images)
-    everything = MSCDetector(**{**det.get_params(), "patch_memory": 10_000}).fit(images)
-    assert len(everything.patch_bank_) == len(images) * 16
+    assert len(keep_all.patch_bank_) == len(images) * 16
 
 
-def test_neighbors_name_the_training_patch_nearest_to_the_peak(fitted) -> None:
+def test_neighbors_name_the_training_patch_nearest_to_the_peak(fitted, keep_all) -> None:
     det, images = fitted
-    keep_all = MSCDetector(**{**det.get_params(), "patch_memory": 10_000}).fit(images)
     maps, neighbors = keep_all.anomaly_map(images[:4], return_neighbors=True)
     # Every patch of a training image is in the bank: each is its own nearest patch.
     np.testing.assert_array_equal(neighbors["train_index"], np.arange(4))
@@ -242,8 +247,11 @@ def test_without_a_patch_bank_the_errors_name_the_fix(fitted) -> None:
     for stages in [(), (-1,), ("blocks",), (True,)]:
         with pytest.raises(ValueError, match="patch_stages"):
             MSCDetector(**{**det.get_params(), "patch_stages": stages}).fit(images)
+    refit = pickle.loads(pickle.dumps(det)).set_params(patch_stages=(9,))
     with pytest.raises(ValueError, match="positions in"):
-        MSCDetector(**{**det.get_params(), "patch_stages": (9,)}).fit(images)
+        refit.fit(images)  # fails at the patch step, after training
+    np.testing.assert_array_equal(refit.patch_bank_.vectors(), det.patch_bank_.vectors())
+    assert refit.patch_stages_ == det.patch_stages_
     with pytest.raises(ValueError, match="patch_memory"):
         MSCDetector(**{**det.get_params(), "patch_memory": 0}).fit(images)
     with pytest.raises(ValueError, match="image_score"):
