@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None)
     p.add_argument("--classes", type=int, nargs="*", default=None)
     p.add_argument("--test-size", type=int, default=None, help="random test subset")
+    p.add_argument("--train-size", type=int, default=None, help="training images per class")
     p.add_argument("--patch-memory", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="image_scores")
@@ -60,6 +61,13 @@ def three_scores(det: MSCDetector, X: np.ndarray) -> dict[str, np.ndarray]:
     return {"global": -glob, "patch": -patch, "combined": -combined}
 
 
+def _first(images: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """A random subset of ``size`` training images (all of them for ``None``), in order."""
+    if size is None or size >= len(images):
+        return images
+    return images[np.sort(np.random.default_rng(seed).permutation(len(images))[:size])]
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     x_train, y_train, x_test, y_test = load_dataset(args.dataset, args.data_root)
@@ -73,6 +81,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "patch_memory": args.patch_memory,
         "seed": args.seed,
     }
+    if args.train_size is not None:  # results without the option keep their settings
+        settings["train_size"] = args.train_size
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
@@ -87,7 +97,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         det = MSCDetector(
             random_state=args.seed, patch_memory=args.patch_memory, image_score="combined"
-        ).fit(x_train[y_train == label])
+        ).fit(_first(x_train[y_train == label], args.train_size, args.seed))
         fit_seconds = time.perf_counter() - start
         start = time.perf_counter()
         scores = three_scores(det, x_test)
