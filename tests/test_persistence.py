@@ -441,7 +441,7 @@ def test_invalid_json_with_matching_checksums(saved: Path, reader) -> None:
         (lambda m: m["fitted"].pop("crop_pct_"), r"\['fitted'\] must be an object with the keys"),
         (lambda m: m["fitted"].update(extra_=1), r"\['fitted'\] must be an object with the keys"),
         (lambda m: m.update(params=[1]), r"\['params'\] must be an object of nulls"),
-        (lambda m: m["params"].update(n_neighbors=[3]), r"\['params'\] must be an object"),
+        (lambda m: m["params"].update(n_neighbors=[[3]]), r"\['params'\] must be an object"),
         (lambda m: m["versions"].update(torch=2), r"\['versions'\] must be an object of strings"),
         (lambda m: m.pop("created"), r"metadata\.json must be an object with the keys"),
         (lambda m: m["backbone_spec"].update(num_features=0), "positive integer num_features"),
