@@ -23,7 +23,8 @@ A zip archive (``.msc`` by convention) of exactly these members, in this order, 
     A JSON object with exactly the keys of :data:`METADATA_SCHEMA`: ``estimator`` (never
     imported), ``created`` (UTC, ISO 8601), ``versions`` (of the libraries at saving),
     ``params`` (``get_params(deep=False)``, with ``null`` for what JSON cannot hold;
-    ``preprocess`` and ``index_params`` may be objects of their fields),
+    ``preprocess`` and ``index_params`` may be objects of their fields, ``patch_stages``
+    an array),
     ``backbone_spec`` (:meth:`BackboneSpec.to_dict
     <msc_detector.backbones.BackboneSpec.to_dict>`), ``fitted`` (:data:`FITTED`) and
     ``index``: ``{"kind": STR, "params": {STR: INT}, "faiss_class": STR, "dim": D,
@@ -38,7 +39,12 @@ A zip archive (``.msc`` by convention) of exactly these members, in this order, 
     were files, also ``train_paths`` (uint8: the ``N`` paths as file-system bytes, each
     followed by a NUL byte);
     ``F = backbone_spec.num_features``, ``N = fitted.n_train_``, ``D = F``, or ``2F``
-    where ``fitted.nearest_view_``.
+    where ``fitted.nearest_view_``. Where the detector has a patch bank
+    (``fitted.patch_stages_`` not empty), also ``patch_vectors`` (float32, ``(M, P)``,
+    finite), ``patch_owners`` (int64, ``(M,)``, training image indices in ``[0, N)``),
+    ``patch_positions`` (int64, ``(M, 2)``, row and column in the grid) and
+    ``patch_grid`` (int64, ``(2,)``, the grid's height and width ``h, w``) and
+    ``patch_baseline`` (float32, ``(h, w)``, finite), with ``1 <= M <= params.patch_memory``.
 ``networks.safetensors``
     The fine-tuned headless timm network's state dict under the key prefix
     ``backbone.`` and, where the detector keeps one, the pretrained network's (which
@@ -69,7 +75,11 @@ interrupted save leaves the previous file as it was.
 refuse (a member, a key, a dtype, a meaning), and each bump is recorded in
 ``CHANGELOG.md``. A release reads every format version written since 0.1.0 (formats 2 and 3)
 and refuses newer ones with a message to upgrade. Format 1 was a development format that
-no release wrote; it is refused with a message to fit and save again.
+no release wrote; it is refused with a message to fit and save again. Format 3 added
+approximate indexes (``index`` in the metadata, ``index_faiss`` in the arrays) and the
+patch bank (the ``patch_*`` arrays) and the fitted ``patch_stages_``, ``image_score_``
+and ``score_scales_``; a format-2 file loads as a detector without a patch bank
+(``patch_memory=None``, ``image_score="global"``).
 """
 
 from __future__ import annotations
@@ -95,7 +105,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from msc_detector.backbones import BackboneSpec
-    from msc_detector.index import KNNIndex
+    from msc_detector.index import KNNIndex, PatchIndex
 
 __all__ = ["FITTED", "FORMAT_VERSION", "METADATA_SCHEMA", "ModelFileError", "SavedModel"]
 __all__ += ["decode", "encode", "inspect", "read", "save"]
@@ -103,8 +113,8 @@ __all__ += ["decode", "encode", "inspect", "read", "save"]
 FORMAT_NAME = "msc-detector-model"
 #: The model-file format this code writes, and the newest it reads.
 FORMAT_VERSION = 3
-#: The older formats this code reads (see above).
-READ_VERSIONS = (2, 3)
+#: Every format version this code reads.
+READABLE_VERSIONS = (2, 3)
 
 MANIFEST, METADATA = "manifest.json", "metadata.json"
 ARRAYS, NETWORKS = "arrays.safetensors", "networks.safetensors"
@@ -161,6 +171,7 @@ _HISTORY_ENTRY = _mapping(_is(*_NUMBER))
 _POSITIVE = _is(int, test=lambda v: v > 0)
 _SCALAR = _is(type(None), bool, *_NUMBER, str)
 _NUMBERS = _is(list, test=lambda items: len(items) <= 16 and all(map(_is(*_NUMBER), items)))
+_POSITIVE_NUMBER = _is(*_NUMBER, test=lambda v: math.isfinite(v) and v > 0)
 _NOT_SAVED = (
     "A detector whose backbone is a torch.nn.Module ({kind}) cannot be saved as a model "
     "file: a model file rebuilds its network from a timm architecture name and holds no "
@@ -186,16 +197,39 @@ FITTED: dict[str, Field] = {
         lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16", lambda p: p.name
     ),
     "weights_source_": Field(_is(str), "a string", str),
+    "patch_stages_": Field(
+        _is(list, test=lambda v: len(v) <= 16 and all(map(_is(str), v))),
+        "a list of at most 16 module names",
+        list,
+    ),
+    "image_score_": Field(
+        lambda v: v in ("global", "patch", "combined"), "global, patch or combined", str
+    ),
+    "score_scales_": Field(
+        _is(list, test=lambda v: len(v) == 2 and all(map(_POSITIVE_NUMBER, v))),
+        "a list of two positive finite numbers",
+        lambda v: [float(x) for x in v],
+    ),
 }
+#: What a format-2 file (no patch bank) means for the fitted keys format 3 added.
+_FORMAT_2_FITTED = {"patch_stages_": [], "image_score_": "global", "score_scales_": [1.0, 1.0]}
+_PATCH_ARRAYS = (
+    "patch_vectors",
+    "patch_owners",
+    "patch_positions",
+    "patch_grid",
+    "patch_baseline",
+)
 #: The keys of ``metadata.json``; :func:`decode` checks ``backbone_spec`` further.
 METADATA_SCHEMA: dict[str, Field] = {
     "estimator": Field(_is(str), "a string"),
     "created": Field(_is(str), "a string"),
     "versions": Field(_mapping(_is(str)), "an object of strings"),
     "params": Field(
-        _mapping(lambda v: _SCALAR(v) or _mapping(lambda f: _SCALAR(f) or _NUMBERS(f))(v)),
-        "an object of nulls, booleans, numbers, strings and objects of those or of arrays of "
-        "numbers",
+        _mapping(
+            lambda v: _SCALAR(v) or _NUMBERS(v) or _mapping(lambda f: _SCALAR(f) or _NUMBERS(f))(v)
+        ),
+        "an object of nulls, booleans, numbers, strings, arrays of numbers and objects of those",
     ),
     "backbone_spec": Field(
         _is(dict, test=lambda v: _POSITIVE(v.get("num_features"))),
@@ -222,7 +256,7 @@ _ENTRY = _is(dict, test=lambda v: _SIZE(v.get("size")) and _DIGEST(v.get("sha256
 _MANIFEST_SCHEMA = {
     "format": Field(lambda v: v == FORMAT_NAME, repr(FORMAT_NAME)),
     "format_version": Field(
-        lambda v: _is(int)(v) and v in READ_VERSIONS, " or ".join(map(str, READ_VERSIONS))
+        lambda v: _is(int)(v) and v in READABLE_VERSIONS, f"one of {READABLE_VERSIONS}"
     ),
     "members": Field(
         _is(dict, test=lambda m: sorted(m) == sorted(PAYLOAD) and all(map(_ENTRY, m.values()))),
@@ -275,6 +309,13 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
     if detector.train_paths_ is not None:
         joined = b"".join(os.fsencode(path) + b"\0" for path in detector.train_paths_)
         arrays["train_paths"] = np.frombuffer(joined, dtype=np.uint8)
+    bank = detector.patch_bank_
+    if bank is not None:
+        arrays["patch_vectors"] = np.ascontiguousarray(bank.vectors(), dtype=np.float32)
+        arrays["patch_owners"] = np.ascontiguousarray(bank.owners, dtype=np.int64)
+        arrays["patch_positions"] = np.ascontiguousarray(bank.positions, dtype=np.int64)
+        arrays["patch_grid"] = np.asarray(bank.grid, dtype=np.int64)
+        arrays["patch_baseline"] = np.ascontiguousarray(bank.baseline, dtype=np.float32)
     payload = {  # default=: numpy scalars creep into history_
         METADATA: json.dumps(metadata, indent=2, default=lambda v: v.item()).encode(),
         ARRAYS: save_arrays(arrays),
@@ -367,16 +408,19 @@ class SavedModel:
     index: KNNIndex
     fitted: dict[str, Any]
     train_paths: list[str] | None = None
+    patch_bank: PatchIndex | None = None
 
 
 def decode(
     members: Mapping[str, bytes],
     where: str,
     networks: tuple[nn.Module, nn.Module | None] | None = None,
+    version: int = FORMAT_VERSION,
 ) -> SavedModel:
     """Validate and parse the members written by :func:`encode`.
 
-    ``where`` names their source in messages (a path, or ``"pickle"``). ``networks``:
+    ``where`` names their source in messages (a path, or ``"pickle"``); ``version``
+    is the format version they were written in (see Versioning). ``networks``:
     the fine-tuned and pretrained networks where the members hold none (the pickle of a
     module backbone); otherwise they are rebuilt from ``networks.safetensors``. Raises
     :class:`ModelFileError` for anything invalid; warns when msc-detector, torch, timm,
@@ -390,7 +434,7 @@ def decode(
     needed = PAYLOAD if networks is None else (METADATA, ARRAYS)
     if missing := [name for name in needed if name not in members]:
         raise _error(where, f"missing member {missing[0]!r}.")
-    metadata, arrays = _metadata_and_arrays(where, members)
+    metadata, arrays = _metadata_and_arrays(where, members, version)
     _warn_on_version_change(where, metadata["versions"])
     try:
         spec = BackboneSpec.from_dict(metadata["backbone_spec"])
@@ -427,9 +471,14 @@ def _saved_model(
     pretrained: nn.Module | None,
 ) -> SavedModel:
     """Assemble a :class:`SavedModel` from checked members and networks."""
-    params = {  # JSON arrays come back as the tuples they were (preprocess' mean and std)
+    from msc_detector.index import PatchIndex
+
+    # JSON arrays come back as the tuples they were (patch_stages, preprocess' mean and std)
+    params = {
         name: {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         if isinstance(value, dict)
+        else tuple(value)
+        if isinstance(value, list)
         else value
         for name, value in metadata["params"].items()
     }
@@ -443,6 +492,15 @@ def _saved_model(
         index=_index(where, metadata, arrays),
         fitted=dict(metadata["fitted"]),
         train_paths=_split_paths(arrays["train_paths"]) if "train_paths" in arrays else None,
+        patch_bank=PatchIndex(
+            arrays["patch_vectors"],
+            arrays["patch_owners"],
+            arrays["patch_positions"],
+            (int(arrays["patch_grid"][0]), int(arrays["patch_grid"][1])),
+            arrays["patch_baseline"],
+        )
+        if "patch_vectors" in arrays
+        else None,
     )
 
 
@@ -470,9 +528,12 @@ def _split_paths(joined: np.ndarray) -> list[str]:
 
 
 def _metadata_and_arrays(
-    where: object, members: Mapping[str, bytes]
+    where: object, members: Mapping[str, bytes], version: int = FORMAT_VERSION
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Parse and check ``metadata.json``, then the arrays against it (without torch)."""
+    """Parse and check ``metadata.json``, then the arrays against it (without torch).
+
+    Metadata of format 2 comes back as format 3 says a detector without a patch bank.
+    """
     import numpy as np
     from safetensors.numpy import load as load_arrays
 
@@ -481,6 +542,9 @@ def _metadata_and_arrays(
     if isinstance(metadata, dict) and "index" not in metadata:
         schema = {k: v for k, v in METADATA_SCHEMA.items() if k != "index"}
     _check(where, METADATA, metadata, schema)
+    if version == 2 and isinstance(metadata["fitted"], dict):
+        metadata["fitted"] = {**metadata["fitted"], **_FORMAT_2_FITTED}
+        metadata["params"] = {**metadata["params"], "patch_memory": None}
     _check(where, f"{METADATA}['fitted']", metadata["fitted"], FITTED)
     arrays = _parse(where, ARRAYS, members[ARRAYS], load_arrays)
     fitted, features = metadata["fitted"], metadata["backbone_spec"]["num_features"]
@@ -504,6 +568,8 @@ def _metadata_and_arrays(
         expected["train_paths"] = ("uint8", paths.shape)
         if paths.ndim != 1 or paths[-1:].tolist() != [0] or np.count_nonzero(paths == 0) != n:
             raise _error(where, f"{ARRAYS} has train_paths that do not hold {n} paths.")
+    if fitted["patch_stages_"]:
+        expected.update(_patch_arrays_expected(where, arrays, metadata["params"]))
     if found != expected:
         raise _error(where, f"{ARRAYS} holds {found}; the metadata implies {expected}.")
     if (index["dim"], index["ntotal"]) != (dim, n):
@@ -512,9 +578,39 @@ def _metadata_and_arrays(
             f"{METADATA} describes an index of {index['ntotal']} vectors of width "
             f"{index['dim']}; the detector has {n} of width {dim}.",
         )
+    if "patch_grid" in arrays:
+        owners, positions = arrays["patch_owners"], arrays["patch_positions"]
+        inside = (owners >= 0).all() and (owners < n).all() and (positions >= 0).all()
+        if not (
+            inside
+            and (arrays["patch_grid"] > 0).all()
+            and (positions < arrays["patch_grid"]).all()
+        ):
+            raise _error(where, f"{ARRAYS} has patch owners or positions outside their range.")
     if infinite := [name for name, array in arrays.items() if not np.isfinite(array).all()]:
         raise _error(where, f"{ARRAYS} holds non-finite values in {infinite}.")
     return metadata, arrays
+
+
+def _patch_arrays_expected(
+    where: object, arrays: Mapping[str, np.ndarray], params: Mapping[str, Any]
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Return the dtypes and shapes of the patch-bank arrays (their size within budget)."""
+    if any(name not in arrays for name in _PATCH_ARRAYS):
+        raise _error(where, f"{ARRAYS} lacks the patch bank arrays {list(_PATCH_ARRAYS)}.")
+    vectors, grid = arrays["patch_vectors"], arrays["patch_grid"]
+    rows, cols = (int(grid[0]), int(grid[1])) if grid.shape == (2,) else (-1, -1)
+    m = vectors.shape[0] if vectors.ndim == 2 else -1
+    memory = params.get("patch_memory")
+    if m < 1 or not (_POSITIVE(memory) and m <= int(memory)):  # type: ignore[arg-type]
+        raise _error(where, f"{ARRAYS} holds {m} patches; params.patch_memory is {memory!r}.")
+    return {
+        "patch_vectors": ("float32", (m, vectors.shape[1])),
+        "patch_owners": ("int64", (m,)),
+        "patch_positions": ("int64", (m, 2)),
+        "patch_grid": ("int64", (2,)),
+        "patch_baseline": ("float32", (rows, cols)),
+    }
 
 
 def _parse(where: object, name: str, data: bytes, load: Callable[[bytes], Any]) -> Any:
@@ -571,8 +667,8 @@ def save(detector: Any, path: str | os.PathLike[str]) -> None:
 
 def read(path: str | os.PathLike[str]) -> SavedModel:
     """Verify a model file and :func:`decode` it (``FileNotFoundError`` if absent)."""
-    where, _, members = _verified_members(path)
-    return decode(members, str(where))
+    where, manifest, members = _verified_members(path)
+    return decode(members, str(where), version=manifest["format_version"])
 
 
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -583,7 +679,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     the keys of ``metadata.json`` and ``members`` (name -> ``{"size", "sha256"}``).
     """
     where, manifest, members = _verified_members(path)
-    metadata, _ = _metadata_and_arrays(where, members)
+    metadata, _ = _metadata_and_arrays(where, members, manifest["format_version"])
     info = {key: manifest[key] for key in ("format", "format_version")}
     return {**info, **metadata, "members": manifest["members"]}
 

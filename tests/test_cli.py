@@ -149,7 +149,10 @@ def test_the_readme_commands_go_from_two_folders_to_a_report(
     assert "wrote the report to report.html" in done.stdout
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "No labels were given" in html
-    assert html.count("<img ") == 12 + 12 * 3  # every image, and each one's neighbours
+    # every image, each one's neighbours, and (the default keeps a patch bank) each one's
+    # anomaly map and the training image holding the normal patch nearest to its peak
+    assert html.count("<img ") == 12 + 12 * 3 + 12 * 2
+    assert html.count(">anomaly map<") == 12
 
 
 # ----------------------------------------------------------------------- score

@@ -644,6 +644,7 @@ def test_scoring_leaves_the_estimator_unchanged(small_images, fast_params, origi
     det.transform(small_images[:3])
     det.kneighbors(small_images[:3])
     det.kneighbors()
+    det.anomaly_map(small_images[:3], return_neighbors=True)
     assert same_state(det) == before
 
 

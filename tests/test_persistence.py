@@ -323,8 +323,10 @@ def test_the_file_holds_the_index_vectors_and_prefixed_networks(model) -> None:
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
     members = read_members(path)
     arrays = safetensors.numpy.load(members["arrays.safetensors"])
-    assert sorted(arrays) == ["center_", "index_vectors", "train_scores_"]
+    patches = ["patch_baseline", "patch_grid", "patch_owners", "patch_positions", "patch_vectors"]
+    assert sorted(arrays) == ["center_", "index_vectors", *patches, "train_scores_"]
     np.testing.assert_array_equal(arrays["index_vectors"], detector.index_.vectors())
+    np.testing.assert_array_equal(arrays["patch_vectors"], detector.patch_bank_.vectors())
     keys = safetensors.torch.load(members["networks.safetensors"])
     assert keys and all(key.startswith("backbone.") for key in keys)
 
@@ -439,7 +441,7 @@ def test_invalid_json_with_matching_checksums(saved: Path, reader) -> None:
         (lambda m: m["fitted"].pop("crop_pct_"), r"\['fitted'\] must be an object with the keys"),
         (lambda m: m["fitted"].update(extra_=1), r"\['fitted'\] must be an object with the keys"),
         (lambda m: m.update(params=[1]), r"\['params'\] must be an object of nulls"),
-        (lambda m: m["params"].update(n_neighbors=[3]), r"\['params'\] must be an object"),
+        (lambda m: m["params"].update(n_neighbors=[[3]]), r"\['params'\] must be an object"),
         (lambda m: m["versions"].update(torch=2), r"\['versions'\] must be an object of strings"),
         (lambda m: m.pop("created"), r"metadata\.json must be an object with the keys"),
         (lambda m: m["backbone_spec"].update(num_features=0), "positive integer num_features"),
@@ -535,7 +537,8 @@ def test_newer_format_version_is_refused(saved: Path, reader) -> None:
     members["extra-in-the-new-format.bin"] = b"..."
     members["manifest.json"] = manifest_for(members, version=persistence.FORMAT_VERSION + 1)
     write_members(saved, members, refresh_manifest=False)
-    with pytest.raises(ModelFileError, match=f"format {persistence.FORMAT_VERSION + 1}, written by a newer msc-detector"):
+    newer = persistence.FORMAT_VERSION + 1
+    with pytest.raises(ModelFileError, match=f"format {newer}, written by a newer msc-detector"):
         reader(saved)
 
 

@@ -222,6 +222,7 @@ def report(args: argparse.Namespace) -> int:
         distances[start:stop] = chunk.distances
         errors.update({start + i: e for i, e in enumerate(chunk.errors) if e is not None})
         start = stop
+    maps, peaks = html.anomaly_maps(detector, files, scores, args.top)
     data = html.ReportData(
         model_path=args.model,
         metadata=metadata,
@@ -239,6 +240,8 @@ def report(args: argparse.Namespace) -> int:
         train_scores=np.asarray(detector.train_scores_),
         history=list(detector.history_),
         top=args.top,
+        maps=maps,
+        peaks=peaks,
     )
     html.write_report(html.render_report(data), args.output)
     flagged = int(np.sum(scores < data.threshold))

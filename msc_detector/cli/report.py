@@ -8,8 +8,10 @@ are user data.
 
 Sections: summary figures; the score histogram with the threshold; with labels, ROC and
 precision-recall curves and a table of thresholds; the most anomalous images, each
-beside its nearest normal training images; the most normal images; files that could not
-be read; the training history and the model's settings.
+beside its nearest normal training images (and, for a detector with a patch bank, its
+anomaly map as a heat overlay and the training image holding the normal patch nearest to
+the map's peak); the most normal images; files that could not be read; the training
+history and the model's settings.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import numpy as np
 
 from msc_detector.cli import evaluation, svg
 from msc_detector.cli.outputs import atomic_file
-from msc_detector.cli.thumbnails import Thumbnail, make_thumbnail
+from msc_detector.cli.thumbnails import HEAT_COLORS, Thumbnail, make_overlay, make_thumbnail
 
-__all__ = ["ReportData", "render_report", "write_report"]
+__all__ = ["MapPeak", "ReportData", "anomaly_maps", "render_report", "write_report"]
 
 NORMAL, ANOMALY, UNKNOWN = 0, 1, -1
 _COLORS = {
@@ -41,6 +43,25 @@ _COLORS = {
 }
 _SHOWN_ERRORS = 200
 _IN_USE = "the threshold in use"
+
+
+@dataclass
+class MapPeak:
+    """The normal training patch nearest to the peak of an image's anomaly map.
+
+    Attributes
+    ----------
+    distance : float
+        Distance of the image's patch at the peak to that training patch.
+    train_index : int
+        Position of the training image that holds it.
+    train_position : tuple of float
+        Its centre as ``(row, column)`` fractions (0-1) of that image's height and width.
+    """
+
+    distance: float
+    train_index: int
+    train_position: tuple[float, float]
 
 
 @dataclass
@@ -75,6 +96,11 @@ class ReportData:
         Per epoch ``epoch``, ``loss``, ``seconds``.
     top : int
         Images shown in the most anomalous and most normal sections.
+    maps : dict of int to ndarray
+        Anomaly maps ``(H, W)`` of images shown among the most anomalous, by position;
+        empty for a detector without a patch bank.
+    peaks : dict of int to MapPeak
+        For images with a map: the training patch nearest to the map's peak.
     """
 
     model_path: str
@@ -91,9 +117,52 @@ class ReportData:
     train_scores: np.ndarray
     history: list[dict[str, float]]
     top: int = 12
+    maps: dict[int, np.ndarray] = field(default_factory=dict)
+    peaks: dict[int, MapPeak] = field(default_factory=dict)
     generated: str = field(
         default_factory=lambda: datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     )
+
+
+def _most_anomalous(scores: np.ndarray, top: int) -> np.ndarray:
+    """Positions of the ``top`` lowest finite scores, lowest first (ties in input order)."""
+    scored = np.flatnonzero(np.isfinite(scores))
+    return scored[np.argsort(scores[scored], kind="stable")][:top]
+
+
+def anomaly_maps(
+    detector: Any, paths: Sequence[str], scores: np.ndarray, top: int
+) -> tuple[dict[int, np.ndarray], dict[int, MapPeak]]:
+    """Anomaly maps and peaks of the images the report shows as most anomalous.
+
+    Parameters
+    ----------
+    detector : MSCDetector
+        Fitted; without a patch bank (``patch_bank_`` is ``None``) there are no maps.
+    paths : sequence of str
+        The scored image files.
+    scores : ndarray of shape (n,)
+        Their scores, NaN where a file could not be read.
+    top : int
+        Images shown in the most anomalous section.
+
+    Returns
+    -------
+    maps : dict of int to ndarray
+        ``ReportData.maps``.
+    peaks : dict of int to MapPeak
+        ``ReportData.peaks``.
+    """
+    shown = _most_anomalous(scores, top)
+    if getattr(detector, "patch_bank_", None) is None or not len(shown):
+        return {}, {}
+    found_maps, found = detector.anomaly_map([paths[i] for i in shown], return_neighbors=True)
+    maps, peaks = {}, {}
+    for j, i in enumerate(shown.tolist()):
+        maps[i] = np.asarray(found_maps[j], np.float32)
+        row, col = (float(v) for v in found["train_position"][j])
+        peaks[i] = MapPeak(float(found["distance"][j]), int(found["train_index"][j]), (row, col))
+    return maps, peaks
 
 
 # ----------------------------------------------------------------------- helpers
@@ -127,20 +196,31 @@ class _Thumbs:
     def __init__(self) -> None:
         self.cache: dict[str, Thumbnail | str] = {}
 
-    def html(self, path: str | None, missing: str = "no image file") -> str:
+    def html(
+        self,
+        path: str | None,
+        missing: str = "no image file",
+        mark: tuple[float, float] | None = None,
+    ) -> str:
         if path is None:
             return f'<div class="thumb none"><span>{escape(missing)}</span></div>'
+        if mark is not None:  # one of a kind: not cached
+            return _img(make_thumbnail(path, mark=mark), path)
         if path not in self.cache:
             self.cache[path] = make_thumbnail(path)
-        thumb = self.cache[path]
-        if isinstance(thumb, str):
-            return f'<div class="thumb none"><span>{escape(thumb)}</span></div>'
-        small = max(thumb.width, thumb.height) < 120
-        return (
-            f'<div class="thumb"><img src="{thumb.uri}" alt="{escape(path)}" '
-            f'width="{thumb.width}" height="{thumb.height}"'
-            f"{' class=px' if small else ''}></div>"
-        )
+        return _img(self.cache[path], path)
+
+
+def _img(thumb: Thumbnail | str, alt: str) -> str:
+    """Return an ``<img>`` in its frame, or a placeholder saying why there is none."""
+    if isinstance(thumb, str):
+        return f'<div class="thumb none"><span>{escape(thumb)}</span></div>'
+    small = max(thumb.width, thumb.height) < 120
+    return (
+        f'<div class="thumb"><img src="{thumb.uri}" alt="{escape(alt)}" '
+        f'width="{thumb.width}" height="{thumb.height}"'
+        f"{' class=px' if small else ''}></div>"
+    )
 
 
 def _figure(thumb: str, name: str, title: str, lines: Sequence[str], css: str = "") -> str:
@@ -336,9 +416,45 @@ def _image_lines(data: ReportData, i: int) -> list[str]:
     return lines
 
 
+def _heat_range(maps: dict[int, np.ndarray]) -> tuple[float, float]:
+    """Return the heat scale of a report: the median of the maps' values to their maximum.
+
+    Most of an anomalous image is normal, so the median is a normal patch's distance:
+    at least half of the pixels shown get no heat.
+    """
+    values = np.concatenate([m[np.isfinite(m)].ravel() for m in maps.values()])
+    if values.size == 0:
+        return 0.0, 1.0
+    return float(np.median(values)), float(values.max())
+
+
+def _map_figures(data: ReportData, i: int, heat: tuple[float, float], thumbs: _Thumbs) -> str:
+    """Return figures of image ``i``'s anomaly map and the training patch nearest its peak."""
+    peak_value = float(np.nanmax(data.maps[i])) if np.isfinite(data.maps[i]).any() else math.nan
+    overlay = _img(
+        make_overlay(data.paths[i], data.maps[i], *heat), f"anomaly map of {data.paths[i]}"
+    )
+    figures = [
+        _figure(overlay, "anomaly map", data.paths[i], [f"peak {_num(peak_value, 3)}"], "map")
+    ]
+    peak = data.peaks.get(i)
+    if peak is not None:
+        lines = ["nearest normal patch to the peak", f"distance {_num(peak.distance, 3)}"]
+        if data.train_paths is None:
+            thumb = thumbs.html(None, "fitted on arrays: no file to show")
+            name = title = f"training image {peak.train_index}"
+        else:
+            title = data.train_paths[peak.train_index]
+            thumb = thumbs.html(title, mark=peak.train_position)
+            name = _short_names(data.train_paths)[title]
+        figures.append(_figure(thumb, name, title, lines, "map"))
+    return "".join(figures)
+
+
 def _anomalies(data: ReportData, order: np.ndarray, thumbs: _Thumbs, names: dict[str, str]) -> str:
     shown = order[: data.top]
     train_names = _short_names(data.train_paths or [])
+    heat = _heat_range({i: data.maps[i] for i in shown if i in data.maps}) if data.maps else None
     rows = []
     for rank, i in enumerate(shown, start=1):
         query = _figure(
@@ -348,6 +464,8 @@ def _anomalies(data: ReportData, order: np.ndarray, thumbs: _Thumbs, names: dict
             _image_lines(data, i),
             "query" if data.scores[i] < data.threshold else "query normal",
         )
+        if heat is not None and i in data.maps:
+            query += _map_figures(data, i, heat, thumbs)
         neighbours = []
         for j, (index, distance) in enumerate(
             zip(data.neighbors[i], data.distances[i], strict=True)
@@ -374,11 +492,21 @@ def _anomalies(data: ReportData, order: np.ndarray, thumbs: _Thumbs, names: dict
         )
     if not rows:
         return ""
+    maps = ""
+    if heat is not None:
+        maps = (
+            "<p>Beside each image, its anomaly map: how far each of its patches is from the "
+            "nearest normal training patch, as heat over the image in grey "
+            f'<span class="heat" aria-hidden="true"></span> from {_num(heat[0], 3)} (the '
+            f"median of the maps shown; no heat) to {_num(heat[1], 3)} (their maximum). "
+            "Darker parts were not inspected. Next to it, the training image holding the "
+            "normal patch nearest to the map's peak, ringed.</p>"
+        )
     return (
         '<section id="anomalies"><h2>Most anomalous images</h2>'
         f"<p>The {len(shown)} lowest-scoring images, each beside the normal training images "
         "nearest to it: what the detector compared it with. Hover over an image for its "
-        f"full path.</p>{''.join(rows)}</section>"
+        f"full path.</p>{maps}{''.join(rows)}</section>"
     )
 
 
@@ -565,6 +693,15 @@ table.kv td { padding:3px 0; overflow-wrap:anywhere }
 }
 .pair:first-of-type { border-top:0 }
 .arrow { font-size:26px; color:var(--muted); padding-top:48px }
+figure.map { width:172px }
+.heat {
+  display:inline-block;
+  width:90px;
+  height:10px;
+  border-radius:3px;
+  vertical-align:middle;
+  background:linear-gradient(90deg,HEAT_STOPS);
+}
 .neighbours,.grid { display:flex; flex-wrap:wrap; gap:14px }
 figure { margin:0; width:148px }
 figure.query { width:172px }
@@ -602,12 +739,15 @@ footer { color:var(--muted); font-size:12px; text-align:center }
 """
 
 
+_CSS = _CSS.replace("HEAT_STOPS", ",".join(f"rgb{color}" for color in HEAT_COLORS))
+
+
 def render_report(data: ReportData) -> str:
     """Return the report as one HTML document."""
     scored = np.isfinite(data.scores)
     labelled = scored & (data.labels >= 0)
     curves = evaluation.curves(data.scores[labelled], data.labels[labelled] == ANOMALY)
-    order = np.flatnonzero(scored)[np.argsort(data.scores[scored], kind="stable")]
+    order = _most_anomalous(data.scores, len(data.scores))
     thumbs = _Thumbs()
     shown = [data.paths[i] for i in (*order[: data.top], *order[::-1][: data.top])]
     names = _short_names(shown)

@@ -1,0 +1,158 @@
+"""Patch embeddings from intermediate stages, map geometry, and the patch index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import small_module
+
+from msc_detector.backbones import create_backbone
+from msc_detector.embedding import Embedder, View
+from msc_detector.index import PatchIndex
+from msc_detector.patches import (
+    PatchEmbedder,
+    gaussian_blur,
+    grid_to_maps,
+    map_to_image,
+    network_positions,
+    resolve_stages,
+)
+from msc_detector.runtime import Runtime
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("efficientnet_lite0", ("blocks.2", "blocks.4")), ("resnet18", ("layer2", "layer3"))],
+)
+def test_auto_stages_are_the_stride_8_and_16_stages(name, expected) -> None:
+    network = timm.create_model(name, pretrained=False, num_classes=0)
+    assert resolve_stages(network, "auto", 64) == expected
+    assert resolve_stages(network, (3, 2), 64) == expected  # positions, sorted
+
+
+def test_stages_of_a_module_without_feature_info_are_found_by_their_strides() -> None:
+    # Children: conv (stride 1), bn, relu, conv (stride 2), pool, flatten.
+    assert resolve_stages(small_module(), "auto", 32) == ("2", "3")
+    with pytest.raises(ValueError, match=r"positions in \[0, 4\]"):
+        resolve_stages(small_module(), (7,), 32)
+
+
+def test_unknown_stage_positions_are_refused_naming_the_stages() -> None:
+    network = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    with pytest.raises(ValueError, match="layer4"):
+        resolve_stages(network, (5,), 64)
+
+
+def lite0_embedder(size: int = 64) -> Embedder:
+    built = create_backbone("efficientnet_lite0", weights=None)
+    runtime = Runtime.resolve("cpu", "fp32")
+    network = runtime.place(built.model)
+    return Embedder([View("bilinear", network)], built.spec, size, 1.0, False, runtime)
+
+
+def test_patch_embeddings_are_the_averaged_joined_stage_outputs() -> None:
+    """The folded, truncated run gives what timm's own feature extractor gives."""
+    embedder = lite0_embedder()
+    patcher = PatchEmbedder(embedder, ("blocks.2", "blocks.4"))
+    batch = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    got = patcher.embed_resized(batch)
+    assert got.shape == (2, 8, 8, 40 + 112) and got.dtype == torch.float32
+
+    architecture = embedder.spec.architecture
+    reference = timm.create_model(architecture, features_only=True, out_indices=(2, 3))
+    reference.load_state_dict(embedder.views[0].network.state_dict(), strict=False)
+    mean, std = embedder.spec.preprocess.mean, embedder.spec.preprocess.std
+    x = (batch.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        fine, coarse = reference.eval()(x)
+    pool = [F.avg_pool2d(f, 3, 1, 1, count_include_pad=False) for f in (fine, coarse)]
+    up = F.interpolate(pool[1], size=(8, 8), mode="bilinear", align_corners=False)
+    expected = torch.cat([pool[0], up], dim=1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_stage_hooks_are_removed_and_ignore_other_threads() -> None:
+    embedder = lite0_embedder(32)
+    patcher = PatchEmbedder(embedder, ("blocks.2", "blocks.4"))
+    batch = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    patcher.embed_resized(batch)
+    compute = embedder.compute_network(embedder.views[0].network)
+    assert not any(m._forward_hooks for m in compute.modules())
+    # The whole network still runs to its end afterwards.
+    assert next(embedder.embed_resized(0, [batch])).shape == (2, embedder.spec.num_features)
+
+
+def test_gaussian_blur_keeps_constants_and_spreads_a_peak() -> None:
+    flat = torch.full((1, 20, 20), 3.0)
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+    peak = torch.zeros(1, 21, 21)
+    peak[0, 10, 10] = 1.0
+    blurred = gaussian_blur(peak, 2.0)
+    assert blurred.argmax() == 10 * 21 + 10
+    assert 0.95 < float(blurred.sum()) <= 1.0 + 1e-6
+    torch.testing.assert_close(blurred[0], blurred[0].T)  # isotropic
+
+
+def test_grid_to_maps_upsamples_to_the_network_side() -> None:
+    grid = torch.zeros(2, 4, 4)
+    grid[1, 0, 3] = 5.0
+    maps = grid_to_maps(grid, 32)
+    assert maps.shape == (2, 32, 32) and maps.dtype == torch.float32
+    y, x = divmod(int(maps[1].argmax()), 32)
+    assert y < 8 and x >= 24  # the top-right cell
+    assert float(maps[0].abs().max()) == 0.0
+
+
+def test_a_square_image_maps_back_onto_itself() -> None:
+    network_map = torch.arange(64.0).reshape(8, 8)
+    out = map_to_image(network_map, 8, 8, load_size=8, size=8)
+    assert out.dtype == np.float32 and out.shape == (8, 8)
+    np.testing.assert_allclose(out, network_map.numpy(), atol=1e-5)
+    big = map_to_image(network_map, 32, 32, load_size=8, size=8)
+    assert big.shape == (32, 32) and not np.isnan(big).any()
+
+
+def test_pixels_the_network_never_saw_are_nan() -> None:
+    network_map = torch.ones(16, 16)
+    wide = map_to_image(network_map, 16, 32, load_size=16, size=16)  # centre square kept
+    assert np.isnan(wide[:, :8]).all() and np.isnan(wide[:, 24:]).all()
+    assert not np.isnan(wide[:, 8:24]).any()
+    cropped = map_to_image(network_map, 20, 20, load_size=20, size=16)  # crop_pct = 0.8
+    assert np.isnan(cropped[:2]).all() and np.isnan(cropped[:, -2:]).all()
+    assert not np.isnan(cropped[2:18, 2:18]).any()
+
+
+def test_network_positions_follow_the_resize_and_crops() -> None:
+    # 10 pixels shown as 20 (x2), of which the centre 16 reach the network: start at 2.
+    pos = network_positions(10, 10, load_size=20, size=16)
+    np.testing.assert_allclose(pos.numpy(), np.arange(10) * 2 + 1 - 2)
+
+
+def test_patch_index_leaves_each_query_s_own_image_out() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(120, 6)).astype(np.float32)
+    owners = np.repeat(np.arange(6), 20)
+    positions = np.stack([np.arange(120) // 5 % 4, np.arange(120) % 5], axis=1)
+    bank = PatchIndex(vectors, owners, positions, (4, 5))
+    assert len(bank) == 120
+    queries = vectors[::7] + 0.01  # each is nearest to a patch of its own image
+    query_owners = owners[::7]
+    dist, idx = bank.nearest_other_image(queries, query_owners)
+    full = ((queries[:, None] - vectors[None]) ** 2).sum(-1)
+    full[owners[None, :] == query_owners[:, None]] = np.inf
+    np.testing.assert_array_equal(idx, full.argmin(axis=1))
+    np.testing.assert_allclose(dist, full.min(axis=1), rtol=1e-4)
+    d0, i0 = bank.nearest(queries)
+    assert (owners[i0] == query_owners).all() and (d0 < dist).all()
+
+
+def test_a_patch_index_of_one_image_falls_back_to_its_own_patches() -> None:
+    vectors = np.eye(3, dtype=np.float32)
+    bank = PatchIndex(vectors, np.zeros(3), np.zeros((3, 2)), (1, 1))
+    dist, idx = bank.nearest_other_image(vectors[:1], np.zeros(1))
+    assert idx.tolist() == [0] and dist.tolist() == [0.0]
