@@ -780,6 +780,39 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             scores = scores / scale_global + self._patch_scores(X) / scale_patch
         return scores
 
+    def _score_with_neighbors(
+        self, X: Any, n_neighbors: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``score_samples(X)`` and the ``n_neighbors`` nearest training images, in one pass.
+
+        The images are embedded once for both (the patch scores, where ``image_score``
+        uses them, take a second pass). The command line and
+        :func:`msc_detector.table.score_table` score files through this.
+
+        Returns
+        -------
+        scores : ndarray of shape (n,), float64
+            Equal to ``score_samples(X)``.
+        indices : ndarray of shape (n, n_neighbors), int64
+        distances : ndarray of shape (n, n_neighbors), float32
+            As :meth:`kneighbors` returns them.
+        """
+        check_is_fitted(self)
+        k_score = self._neighbours(None, leave_self_out=False)
+        k = max(k_score, int(n_neighbors))
+        settings, gpu = self._search_settings(), self._gpu
+        found = [self.index_.search(chunk, k, settings, gpu) for chunk in self._embed_chunks(X)]
+        squared = np.concatenate([f[0] for f in found])
+        indices = np.concatenate([f[1] for f in found])
+        scores = -squared[:, :k_score].sum(axis=1, dtype=np.float64)
+        mode = self.image_score_
+        if mode != "global":
+            patch = self._patch_scores(X)
+            scale_global, scale_patch = self.score_scales_
+            scores = patch if mode == "patch" else scores / scale_global + patch / scale_patch
+        distances = np.sqrt(np.maximum(squared[:, :n_neighbors], 0.0))
+        return scores, indices[:, :n_neighbors], distances
+
     def _global_scores(self, X: Any) -> np.ndarray:
         """Minus the summed squared distance of each embedding to its nearest neighbours."""
         k = self._neighbours(None, leave_self_out=False)

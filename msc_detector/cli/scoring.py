@@ -73,18 +73,8 @@ def check_readable(path: str) -> str | None:
 def _embed_and_search(
     detector: Any, paths: Sequence[str], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores, neighbour positions and distances of ``paths``, embedding each file once.
-
-    ``score_samples`` sums the squared distances to the ``n_neighbors`` nearest training
-    embeddings; one search for ``max(k, n_neighbors)`` neighbours gives those and the
-    neighbours to list, with the same arithmetic, so the scores equal ``score_samples``.
-    """
-    n_score = int(detector.n_neighbors)
-    embeddings = detector.transform(list(paths))
-    squared, indices = detector.index_.search(embeddings, max(k, n_score))
-    scores = -squared[:, :n_score].sum(axis=1, dtype=np.float64)
-    distances = np.sqrt(np.maximum(squared[:, :k], 0.0))
-    return scores, indices[:, :k], distances
+    """Scores (``score_samples``), neighbour positions and distances of ``paths``."""
+    return detector._score_with_neighbors(list(paths), k)
 
 
 def _score_chunk(detector: Any, paths: Sequence[str], k: int) -> Chunk:
