@@ -179,16 +179,16 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         (``epoch`` 0 is before training) with a fitted detector at that point; it
         shares the network, so use it to score, not to keep. It has no patch bank and
         scores with ``image_score="global"``.
-    patch_memory : int or None, default=16384
+    patch_memory : int, "auto" or None, default="auto"
         Training patches kept in the patch bank that :meth:`anomaly_map` and patch
         scoring search: the patches of all training images (a grid of ``(S/8)^2`` per
         image at input side ``S``) subsampled by greedy k-centre coreset selection.
-        ``None``: no patch bank (``fit`` is faster; ``anomaly_map`` and the patch image
-        scores are unavailable). The default holds about 10 MiB with EfficientNet-Lite0
-        (152 values per patch). On two CPU cores, selecting it from the 4.7 million
-        patches of 6,000 images at 224 px took 6 s, after a pass of the images through
-        the first stages (2.3 ms each), and ``anomaly_map`` ran at 40 images per
-        second (``benchmarks/results/patch_bank_cpu.md``).
+        ``"auto"``: 16384 (about 10 MiB with EfficientNet-Lite0) where the backbone has
+        feature-map stages, no bank for a module backbone without them. ``None``: no
+        patch bank (``fit`` is faster; ``anomaly_map`` and the patch image scores are
+        unavailable). The bank costs ``fit`` one more pass of the training images
+        through the first stages and the coreset selection; the user guide gives the
+        measured cost.
     patch_stages : "auto" or tuple of int, default="auto"
         Feature stages whose outputs, averaged over 3x3 neighbourhoods and joined,
         are the patch embeddings: positions in timm's ``feature_info`` (for a module
@@ -295,7 +295,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "epoch_callback": [callable, None],
-        "patch_memory": [Interval(Integral, 1, None, closed="left"), None],
+        "patch_memory": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         "patch_stages": [StrOptions({"auto"}), tuple, list],
         "image_score": [StrOptions(set(_IMAGE_SCORES))],
     }
@@ -328,7 +328,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
         epoch_callback: Callable[[int, MSCDetector], None] | None = None,
-        patch_memory: int | None = 16384,
+        patch_memory: int | str | None = "auto",
         patch_stages: str | tuple[int, ...] = "auto",
         image_score: str = "global",
     ) -> None:
@@ -572,7 +572,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         if self.image_score != "global" and self.patch_memory is None:
             raise ValueError(
                 f"image_score={self.image_score!r} scores patches, which needs a patch bank; "
-                "set patch_memory (e.g. 16384) or use image_score='global'."
+                "set patch_memory ('auto' or a number of patches) or use image_score='global'."
             )
         if not isinstance(self.patch_stages, str):
             stages = tuple(self.patch_stages)
@@ -592,7 +592,15 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         if self.patch_memory is None:
             return dict(_NO_PATCHES)
         network = embedder.views[0].network
-        stages = resolve_stages(network, self.patch_stages, embedder.image_size)
+        try:
+            stages = resolve_stages(network, self.patch_stages, embedder.image_size)
+        except ValueError:
+            if self.patch_memory != "auto" or self.image_score != "global":
+                raise
+            logger.info("No patch bank: %s gives no feature maps.", type(network).__name__)
+            return dict(_NO_PATCHES)
+        auto = self.patch_memory == "auto"
+        memory = persistence.AUTO_PATCH_MEMORY if auto else int(self.patch_memory)
         patcher = PatchEmbedder(embedder, stages)
         coreset: StreamingCoreset | None = None
         first, grid = 0, (0, 0)
@@ -603,7 +611,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
                 raise FloatingPointError(_DIVERGED.format(what="patch embeddings"))
             if coreset is None:
                 grid = (h, w)
-                coreset = StreamingCoreset(len(images) * h * w, int(self.patch_memory), seed)
+                coreset = StreamingCoreset(len(images) * h * w, memory, seed)
             tags = np.stack(
                 np.meshgrid(
                     np.arange(first, first + b), np.arange(h), np.arange(w), indexing="ij"
@@ -841,7 +849,7 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"{what} needs a patch bank, and this detector has none (it was fitted with "
                 "patch_memory=None, or loaded from a model file without one). Set "
-                "patch_memory (e.g. 16384) and fit again."
+                "patch_memory ('auto' or a number of patches) and fit again."
             )
         return bank
 

@@ -111,6 +111,8 @@ __all__ = ["FITTED", "FORMAT_VERSION", "METADATA_SCHEMA", "ModelFileError", "Sav
 __all__ += ["decode", "encode", "inspect", "read", "save"]
 
 FORMAT_NAME = "msc-detector-model"
+#: The patch bank size of ``patch_memory="auto"``: the most patches such a file holds.
+AUTO_PATCH_MEMORY = 16384
 #: The model-file format this code writes, and the newest it reads.
 FORMAT_VERSION = 3
 #: Every format version this code reads.
@@ -602,6 +604,8 @@ def _patch_arrays_expected(
     rows, cols = (int(grid[0]), int(grid[1])) if grid.shape == (2,) else (-1, -1)
     m = vectors.shape[0] if vectors.ndim == 2 else -1
     memory = params.get("patch_memory")
+    if memory == "auto":
+        memory = AUTO_PATCH_MEMORY
     if m < 1 or not (_POSITIVE(memory) and m <= int(memory)):  # type: ignore[arg-type]
         raise _error(where, f"{ARRAYS} holds {m} patches; params.patch_memory is {memory!r}.")
     return {

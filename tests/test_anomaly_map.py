@@ -236,7 +236,7 @@ def test_without_a_patch_bank_the_errors_name_the_fix(fitted) -> None:
     det, images = fitted
     bare = MSCDetector(**{**det.get_params(), "patch_memory": None}).fit(images)
     assert bare.patch_bank_ is None
-    with pytest.raises(ValueError, match=r"patch_memory \(e\.g\. 16384\) and fit again"):
+    with pytest.raises(ValueError, match=r"number of patches\) and fit again"):
         bare.anomaly_map(images[:1])
     with pytest.raises(
         ValueError, match="image_score='patch' scores patches, which needs a patch bank"
@@ -345,3 +345,25 @@ def test_anomaly_map_never_writes_to_the_estimator(fitted) -> None:
     }
     assert after == before
     np.testing.assert_array_equal(det.patch_bank_.vectors(), bank)
+
+
+class _Flat(torch.nn.Module):
+    """A module backbone with no feature-map stage: pixels straight to a vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+def test_auto_patch_memory_skips_the_bank_where_the_backbone_has_no_feature_maps() -> None:
+    train = textures(12, 32, seed=0)
+    detector = MSCDetector(_Flat(), **{**MODULE, "patch_memory": "auto"}).fit(train)
+    assert detector.patch_bank_ is None
+    with pytest.raises(ValueError, match="patch_memory"):
+        detector.anomaly_map(train[:2])
+    with pytest.raises(ValueError, match="gives no patches; pass patch_memory=None"):
+        MSCDetector(_Flat(), **{**MODULE, "patch_memory": 64}).fit(train)
+    assert module_detector(patch_memory="auto").fit(train).patch_bank_ is not None
