@@ -162,12 +162,18 @@ def test_a_flat_model_file_keeps_vectors_and_format_2_files_still_load(flat, X, 
     assert "index_vectors" in arrays and "index_faiss" not in arrays
     metadata = json.loads(members["metadata.json"])
     assert metadata["index"]["kind"] == "flat"
-    del metadata["index"]  # format 2 wrote no index description and had no index params
-    for name in ("index", "index_params"):
+    # Format 2 wrote no index description, no patch bank and none of their parameters.
+    del metadata["index"]
+    for name in ("index", "index_params", "patch_memory", "patch_stages", "image_score"):
         del metadata["params"][name]
-    write_model(
-        tmp_path / "v2.msc", {**members, "metadata.json": json.dumps(metadata).encode()}, 2
-    )
+    for name in ("patch_stages_", "image_score_", "score_scales_"):
+        del metadata["fitted"][name]
+    old_arrays = {k: v for k, v in arrays.items() if not k.startswith("patch_")}
+    changed = {
+        "metadata.json": json.dumps(metadata).encode(),
+        "arrays.safetensors": safetensors.numpy.save(old_arrays),
+    }
+    write_model(tmp_path / "v2.msc", {**members, **changed}, 2)
     old = MSCDetector.load(tmp_path / "v2.msc")
     assert old.index == "flat" and old.index_.spec.exact
     np.testing.assert_array_equal(old.score_samples(X[:8]), flat.score_samples(X[:8]))
