@@ -229,10 +229,8 @@ def render() -> str:
         lines += [
             "",
             "Every bank was built from chunks of 16384 vectors; peak RSS is of the whole "
-            "process. Not run: HNSW at 1M (its 100k build took 70 s and HNSW builds grow "
-            "about as n log n, so some 14 minutes were expected on these 2 shared cores, "
-            "over the time one benchmark may hold the machine) and 10M with PQ (its build "
-            "would take about ten times the 1M IVF-PQ build of 396 s).",
+            "process. Not run: 10M with PQ (its build would take about ten times the 1M "
+            "IVF-PQ build of 396 s).",
         ]
     roc_path = RESULTS / "index_roc.json"
     if roc_path.exists():
