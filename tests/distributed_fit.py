@@ -74,6 +74,8 @@ def results(det: MSCDetector) -> dict[str, Any]:
         "loss": det.history_[0]["loss"],
         "scores": det.score_samples(test_images()),
         "embeddings": det.transform(train_images()),
+        "bank": det.patch_bank_.vectors(),
+        "maps": det.anomaly_map(test_images()),
     }
 
 

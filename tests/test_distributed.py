@@ -84,7 +84,7 @@ def test_every_rank_ends_with_the_same_detector(
     first, second = ranks[0]
     for name, value in first["state"].items():
         torch.testing.assert_close(second["state"][name], value, rtol=0, atol=0, msg=name)
-    for key in ("center", "embeddings", "train_scores", "scores"):
+    for key in ("center", "embeddings", "train_scores", "scores", "bank", "maps"):
         np.testing.assert_array_equal(second[key], first[key], err_msg=key)
     assert (second["offset"], second["loss"]) == (first["offset"], first["loss"])
 
