@@ -752,12 +752,11 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             Positions in the training set.
         """
         k = self._neighbours(n_neighbors, leave_self_out=X is None)
-        settings, gpu = self._search_settings(), self._gpu
         if X is None:
+            settings, gpu = self._search_settings(), self._gpu
             sq, idx = self.index_.search_leave_self_out(k, settings=settings, gpu=gpu)
         else:
-            parts = [self.index_.search(c, k, settings, gpu) for c in self._embed_chunks(X)]
-            sq, idx = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            sq, idx = self._search(X, k)
         dist = np.sqrt(np.maximum(sq, 0.0))
         return (dist, idx) if return_distance else idx
 
@@ -779,14 +778,29 @@ class MSCDetector(OutlierMixin, BaseEstimator):
             Higher means more normal.
         """
         check_is_fitted(self)
+        if self.image_score_ == "patch":  # no global search needed
+            return self._image_scores(X, None)
+        k = self._neighbours(None, leave_self_out=False)
+        return self._image_scores(X, -self._search(X, k)[0].sum(axis=1, dtype=np.float64))
+
+    def _image_scores(self, X: Any, global_scores: np.ndarray | None) -> np.ndarray:
+        """``score_samples`` of ``X`` from its global scores, as ``image_score_`` says."""
         mode = self.image_score_
+        if mode == "global":
+            assert global_scores is not None
+            return global_scores
+        patch = self._patch_scores(X)
         if mode == "patch":
-            return self._patch_scores(X)
-        scores = self._global_scores(X)
-        if mode == "combined":
-            scale_global, scale_patch = self.score_scales_
-            scores = scores / scale_global + self._patch_scores(X) / scale_patch
-        return scores
+            return patch
+        assert global_scores is not None
+        scale_global, scale_patch = self.score_scales_
+        return global_scores / scale_global + patch / scale_patch
+
+    def _search(self, X: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances and indices of the ``k`` nearest training embeddings of ``X``."""
+        settings, gpu = self._search_settings(), self._gpu
+        found = [self.index_.search(chunk, k, settings, gpu) for chunk in self._embed_chunks(X)]
+        return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
 
     def _score_with_neighbors(
         self, X: Any, n_neighbors: int
@@ -807,29 +821,10 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         k_score = self._neighbours(None, leave_self_out=False)
-        k = max(k_score, int(n_neighbors))
-        settings, gpu = self._search_settings(), self._gpu
-        found = [self.index_.search(chunk, k, settings, gpu) for chunk in self._embed_chunks(X)]
-        squared = np.concatenate([f[0] for f in found])
-        indices = np.concatenate([f[1] for f in found])
-        scores = -squared[:, :k_score].sum(axis=1, dtype=np.float64)
-        mode = self.image_score_
-        if mode != "global":
-            patch = self._patch_scores(X)
-            scale_global, scale_patch = self.score_scales_
-            scores = patch if mode == "patch" else scores / scale_global + patch / scale_patch
+        squared, indices = self._search(X, max(k_score, int(n_neighbors)))
+        scores = self._image_scores(X, -squared[:, :k_score].sum(axis=1, dtype=np.float64))
         distances = np.sqrt(np.maximum(squared[:, :n_neighbors], 0.0))
         return scores, indices[:, :n_neighbors], distances
-
-    def _global_scores(self, X: Any) -> np.ndarray:
-        """Minus the summed squared distance of each embedding to its nearest neighbours."""
-        k = self._neighbours(None, leave_self_out=False)
-        settings, gpu = self._search_settings(), self._gpu
-        scores = [
-            -self.index_.search(chunk, k, settings, gpu)[0].sum(axis=1, dtype=np.float64)
-            for chunk in self._embed_chunks(X)
-        ]
-        return np.concatenate(scores)
 
     def _patch_scores(self, X: Any) -> np.ndarray:
         """Minus the maximum of each image's anomaly map at the network's input side."""
