@@ -15,16 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import dask
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import FAST, MODULE_PRE, small_module
-from distributed import Client, LocalCluster
+from distributed import Client
 from PIL import Image
 
 import msc_detector.dask as msc_dask
+from benchmarks.dask_scoring import local_cluster
 from msc_detector import MSCDetector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +37,8 @@ def client() -> Client:
     parts = [str(ROOT), str(ROOT / "tests"), *([before] if before else [])]
     os.environ["PYTHONPATH"] = os.pathsep.join(parts)
     try:
-        with (
-            # Workers without Dask's MALLOC_TRIM_THRESHOLD_, as the docs advise.
-            dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        # Workers without Dask's MALLOC_TRIM_THRESHOLD_, as the docs advise.
+        with local_cluster(dask_trim=False) as client:
             yield client
     finally:
         if before is None:
