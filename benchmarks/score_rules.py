@@ -1,0 +1,218 @@
+"""Candidate rules for one image score from the global and the patch evidence.
+
+For each set, one detector is fitted (``image_score="combined"``, seed 0) and four
+arrays are kept: the leave-self-out global and patch anomaly scores of the training
+images, and the global and patch anomaly scores of the test images (higher = more
+anomalous; the global score is the summed squared distance to the nearest training
+embeddings, the patch score the maximum of the anomaly map). Each candidate rule then
+turns them into one test score, with the training scores as its only calibration, and
+its ROC-AUC is reported per set and averaged over the two kinds of set:
+
+* **semantic** sets, "this is not a shirt": one class of Fashion-MNIST (a subset at a
+  stated budget), scikit-learn's digits, OpenCV's digits and scikit-image's faces
+  against its non-faces;
+* **surface** sets, "this part has a small scratch": :mod:`benchmarks.defects`'
+  textures and 160-pixel crops of OpenCV's sample photos with the same procedural
+  defects.
+
+The arrays go to ``benchmarks/results/score_rules/<set>.npz`` (a re-run reuses them),
+the table to ``benchmarks/results/<name>.md`` and ``.json``.
+
+Examples
+--------
+::
+
+    python -m benchmarks.score_rules --sets defects:brick defects:grass defects:gravel \\
+        photo:starry_night photo:building fashion-mnist:0 fashion-mnist:6 digits:2 lfw
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from benchmarks.machine_info import machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = RESULTS / "score_rules"
+PHOTOS = Path("/usr/share/doc/opencv-doc/examples/data")
+SURFACE = ("defects", "photo")
+FASHION_TRAIN, FASHION_TEST = 500, 1000
+
+
+def _robust(train: np.ndarray) -> tuple[float, float]:
+    """Median and scaled median absolute deviation (a normal's sigma), never 0."""
+    median = float(np.median(train))
+    mad = 1.4826 * float(np.median(np.abs(train - median)))
+    return median, mad if mad > 0 else max(float(np.std(train)), 1e-12)
+
+
+def _tail(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Minus log of the share of training scores at or above each test score (+1 smoothing)."""
+    ordered = np.sort(train)
+    above = len(ordered) - np.searchsorted(ordered, test, side="left")
+    return -np.log((above + 1) / (len(ordered) + 1))
+
+
+def _z(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    median, scale = _robust(train)
+    return (test - median) / scale
+
+
+def _std(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    return (test - train.mean()) / max(float(train.std()), 1e-12)
+
+
+Rule = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+#: rule name -> f(global train, patch train, global test, patch test) -> test anomaly score
+RULES: dict[str, Rule] = {
+    "global": lambda gt, pt, g, p: g,
+    "patch": lambda gt, pt, g, p: p,
+    "sum of std-scaled (today's combined)": lambda gt, pt, g, p: g / gt.std() + p / pt.std(),
+    "sum of z (mean, std)": lambda gt, pt, g, p: _std(gt, g) + _std(pt, p),
+    "max of z (mean, std)": lambda gt, pt, g, p: np.maximum(_std(gt, g), _std(pt, p)),
+    "sum of robust z": lambda gt, pt, g, p: _z(gt, g) + _z(pt, p),
+    "max of robust z": lambda gt, pt, g, p: np.maximum(_z(gt, g), _z(pt, p)),
+    "log-sum-exp of robust z": lambda gt, pt, g, p: np.logaddexp(_z(gt, g), _z(pt, p)),
+    "sum of tail -log p": lambda gt, pt, g, p: _tail(gt, g) + _tail(pt, p),
+    "max of tail -log p": lambda gt, pt, g, p: np.maximum(_tail(gt, g), _tail(pt, p)),
+}
+
+
+def _photo(stem: str) -> np.ndarray:
+    from PIL import Image
+
+    matches = sorted(PHOTOS.glob(f"{stem}.*"))
+    if not matches:
+        raise SystemExit(f"no photo {stem!r} in {PHOTOS}")
+    return np.asarray(Image.open(matches[0]).convert("L"), dtype=np.uint8)
+
+
+def load_set(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, test, is_anomaly)`` of a set named ``kind[:which]``."""
+    kind, _, which = name.partition(":")
+    if kind in SURFACE:
+        from benchmarks.defects import build
+
+        if kind == "defects":
+            data = build(which)
+        else:  # the setting of the "unseen photos" check: 160-pixel crops
+            data = build(which, _photo(which), size=160)
+        return data.train, data.test, data.labels.astype(bool)
+    if kind == "lfw":
+        import skimage.data
+
+        faces = np.asarray(skimage.data.lfw_subset())  # 100 faces, then 100 non-faces
+        images = np.round(faces * 255).astype(np.uint8)
+        order = np.random.default_rng(0).permutation(100)
+        train = images[order[:50]]
+        test = np.concatenate([images[order[50:]], images[100:]])
+        return train, test, np.arange(len(test)) >= 50
+    from benchmarks.one_class import load_dataset
+
+    x_train, y_train, x_test, y_test = load_dataset(kind, None)
+    label = int(which)
+    train = x_train[y_train == label]
+    if kind == "fashion-mnist":
+        rng = np.random.default_rng(0)
+        train = train[np.sort(rng.permutation(len(train))[:FASHION_TRAIN])]
+        keep = np.random.default_rng(0).choice(len(x_test), FASHION_TEST, replace=False)
+        x_test, y_test = x_test[keep], y_test[keep]
+    return train, x_test, y_test != label
+
+
+def components(name: str) -> dict[str, np.ndarray]:
+    """The four score arrays of a set and its labels, from the cache or one fit."""
+    path = CACHE / f"{name.replace(':', '_')}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    from msc_detector import MSCDetector
+
+    train, test, is_anomaly = load_set(name)
+    start = time.perf_counter()
+    det = MSCDetector(random_state=0, image_score="combined").fit(train)
+    fit_seconds = time.perf_counter() - start
+    scale_global, scale_patch = det.score_scales_
+    sq, _ = det.index_.search_leave_self_out(det.n_neighbors)
+    global_train = sq.sum(axis=1, dtype=np.float64)
+    patch_train = -scale_patch * (det.train_scores_ + global_train / scale_global)
+    combined = det.score_samples(test)
+    distances, _ = det.kneighbors(test)
+    global_test = (distances.astype(np.float64) ** 2).sum(axis=1)
+    patch_test = -scale_patch * (combined + global_test / scale_global)
+    arrays = {
+        "global_train": global_train,
+        "patch_train": patch_train,
+        "global_test": global_test,
+        "patch_test": patch_test,
+        "is_anomaly": is_anomaly,
+        "fit_seconds": np.float64(fit_seconds),
+    }
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """ROC-AUC % of every rule on one set."""
+    parts = [arrays[k] for k in ("global_train", "patch_train", "global_test", "patch_test")]
+    return {
+        rule: 100 * float(roc_auc_score(arrays["is_anomaly"], score(*parts)))
+        for rule, score in RULES.items()
+    }
+
+
+def render(rows: dict[str, dict[str, float]], command: str) -> str:
+    names = list(rows)
+    lines = [
+        "# Image-score rules: ROC-AUC % per set",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Each set: one fit of the default detector with `image_score='combined'` (seed 0); "
+        "every rule is calibrated on the leave-self-out training scores only.",
+        "",
+        "| rule | " + " | ".join(names) + " | semantic mean | surface mean | mean of both |",
+        "|---" * (len(names) + 4) + "|",
+    ]
+    surface = [n for n in names if n.partition(":")[0] in SURFACE]
+    semantic = [n for n in names if n not in surface]
+    for rule in RULES:
+        cells = [f"{rows[n][rule]:.2f}" for n in names]
+        sem = np.mean([rows[n][rule] for n in semantic]) if semantic else np.nan
+        sur = np.mean([rows[n][rule] for n in surface]) if surface else np.nan
+        both = np.nanmean([sem, sur])
+        lines.append(f"| {rule} | " + " | ".join(cells) + f" | {sem:.2f} | {sur:.2f} | {both:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sets", nargs="+", required=True, help="kind:which, e.g. defects:grass")
+    p.add_argument("--name", default="score_rules")
+    args = p.parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.score_rules", *(argv or sys.argv[1:])])
+    rows: dict[str, dict[str, float]] = {}
+    for name in args.sets:
+        rows[name] = evaluate(components(name))
+        print(name, {k: round(v, 2) for k, v in rows[name].items()}, flush=True)
+    table = render(rows, command)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"command": command, "machine": machine(), "rows": rows}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(table)
+    print(table)
+    return out
+
+
+if __name__ == "__main__":
+    run()
