@@ -55,10 +55,19 @@ def three_scores(det: MSCDetector, X: np.ndarray) -> dict[str, np.ndarray]:
     """Anomaly scores (higher = more anomalous) of a detector fitted with "combined"."""
     combined = det.score_samples(X)
     distances, _ = det.kneighbors(X)
-    glob = -(distances.astype(np.float64) ** 2).sum(axis=1)
-    scale_global, scale_patch = det.score_scales_
-    patch = scale_patch * (combined - glob / scale_global)
-    return {"global": -glob, "patch": -patch, "combined": -combined}
+    glob = (distances.astype(np.float64) ** 2).sum(axis=1)
+    patch = patch_anomaly(det, combined, glob)
+    return {"global": glob, "patch": patch, "combined": -combined}
+
+
+def patch_anomaly(det: MSCDetector, combined: np.ndarray, glob: np.ndarray) -> np.ndarray:
+    """The patch anomaly behind ``combined`` scores, given the global anomaly ``glob``.
+
+    ``combined = -((glob - l_g) / s_g + (patch - l_p) / s_p)`` with ``score_locations_``
+    ``(l_g, l_p)`` and ``score_scales_`` ``(s_g, s_p)``.
+    """
+    (l_g, l_p), (s_g, s_p) = det.score_locations_, det.score_scales_
+    return l_p + s_p * (-combined - (glob - l_g) / s_g)
 
 
 def _first(images: np.ndarray, size: int | None, seed: int) -> np.ndarray:

@@ -35,7 +35,6 @@ import torch
 from benchmarks.machine_info import machine
 from msc_detector import MSCDetector
 from msc_detector.coreset import StreamingCoreset
-from msc_detector.patches import PatchEmbedder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDE = 224
@@ -82,11 +81,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for memory in args.memory:
         det = MSCDetector(**base, patch_memory=memory).fit(train)
-        patcher = PatchEmbedder(det.embedder_, det.patch_stages_)
         batch = torch.from_numpy(train[:32]).permute(0, 3, 1, 2).contiguous()
-        patcher.embed_resized(batch[:2])  # warm-up (folding)
+        det.embedder_.run(0, batch[:2], det.patch_stages_)[1]  # warm-up (folding)
         begin = time.perf_counter()
-        dim = patcher.embed_resized(batch).shape[-1]
+        dim = det.embedder_.run(0, batch, det.patch_stages_)[1].shape[-1]
         extract_ms = 1000 * (time.perf_counter() - begin) / len(batch)
         h, w = det.patch_bank_.grid
         coreset_s = coreset_seconds(6000 * h * w, memory, dim)

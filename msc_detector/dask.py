@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -40,7 +39,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 import numpy as np
 
-from msc_detector.cli import scoring
+from msc_detector import files as scoring
+from msc_detector import persistence
 from msc_detector.table import score_table, table_columns
 
 if TYPE_CHECKING:
@@ -102,14 +102,10 @@ def _pack(detector: MSCDetector, device: str | torch.device) -> _Shipment:
                 "it was fitted on where a worker has it, else the CPU). Pass device='auto'."
             )
         return _Shipment("pickle", pickle.dumps(detector, protocol=5), device)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "detector.msc")
-        with warnings.catch_warnings():
-            # An epoch_callback cannot be stored: scoring does not need it.
-            warnings.simplefilter("ignore", UserWarning)
-            detector.save(path)
-        with open(path, "rb") as f:
-            return _Shipment("model", f.read(), device)
+    with warnings.catch_warnings():
+        # An epoch_callback cannot be stored: scoring does not need it.
+        warnings.simplefilter("ignore", UserWarning)
+        return _Shipment("model", persistence.dumps(detector), device)
 
 
 def _load(kind: str, data: bytes, device: str) -> MSCDetector:
@@ -128,11 +124,7 @@ def _load(kind: str, data: bytes, device: str) -> MSCDetector:
     from msc_detector.estimator import MSCDetector
     from msc_detector.runtime import resolve_device
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "detector.msc")
-        with open(path, "wb") as f:
-            f.write(data)
-        return MSCDetector.load(path, device=resolve_device(device))
+    return MSCDetector.load(data, device=resolve_device(device))
 
 
 def _score_partition(

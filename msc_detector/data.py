@@ -438,6 +438,9 @@ class BatchedImages(torch.utils.data.Dataset):
         Image order (e.g. a shuffled permutation); defaults to ``range(len(source))``.
     drop_last : bool, default=False
         Drop a final partial batch.
+    with_sizes : bool, default=False
+        Add to each item an ``int64`` ``(b, 2)`` tensor of the images' own heights and
+        widths (for placing anomaly maps back on them).
     """
 
     def __init__(
@@ -448,11 +451,13 @@ class BatchedImages(torch.utils.data.Dataset):
         interpolations: Sequence[str] = ("bilinear",),
         order: Sequence[int] | np.ndarray | None = None,
         drop_last: bool = False,
+        with_sizes: bool = False,
     ) -> None:
         self.source = source
         self.size = size
         self.batch_size = batch_size
         self.interpolations = tuple(interpolations)
+        self.with_sizes = with_sizes
         self.order = np.arange(len(source)) if order is None else np.asarray(order)
         n = len(self.order)
         self.n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
@@ -463,13 +468,16 @@ class BatchedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         images = self.source.load(idx.tolist())
+        sizes = (torch.tensor([im.shape[-2:] for im in images], dtype=torch.int64),)
         if all(im.shape == images[0].shape for im in images):
             stacked = torch.stack(images)
-            return tuple(resize_square(stacked, self.size, how) for how in self.interpolations)
-        return tuple(
-            torch.stack([resize_square(im, self.size, how) for im in images])
-            for how in self.interpolations
-        )
+            views = tuple(resize_square(stacked, self.size, how) for how in self.interpolations)
+        else:
+            views = tuple(
+                torch.stack([resize_square(im, self.size, how) for im in images])
+                for how in self.interpolations
+            )
+        return views + sizes if self.with_sizes else views
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for i in range(len(self)):
@@ -516,22 +524,32 @@ class ResizedViews:
         One resampling per view (see :func:`resize_square`).
     num_workers : int
         DataLoader worker processes.
+    with_sizes : bool, default=False
+        End each batch with the images' own ``(height, width)`` (see :class:`BatchedImages`).
     """
 
     def __init__(
-        self, source: ImageSource, size: int, interpolations: Sequence[str], num_workers: int = 0
+        self,
+        source: ImageSource,
+        size: int,
+        interpolations: Sequence[str],
+        num_workers: int = 0,
+        with_sizes: bool = False,
     ) -> None:
         self.source = source
         self.size = size
         self.interpolations = tuple(interpolations)
         self.num_workers = num_workers
+        self.with_sizes = with_sizes
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield, per batch of images in order, one ``uint8`` tensor per view.
 
         Each tensor is ``(b, 3, size, size)``; they hold the same images.
         """
-        dataset = BatchedImages(self.source, self.size, batch_size, self.interpolations)
+        dataset = BatchedImages(
+            self.source, self.size, batch_size, self.interpolations, with_sizes=self.with_sizes
+        )
         yield from _load_batches(dataset, self.num_workers)
 
 

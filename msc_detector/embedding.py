@@ -28,9 +28,10 @@ from msc_detector.augment import center_crop_normalize
 from msc_detector.backbones import BackboneSpec
 from msc_detector.data import ImageSource, ResizedViews
 from msc_detector.folding import fold_batchnorm
+from msc_detector.patches import StageTap
 from msc_detector.runtime import Runtime
 
-__all__ = ["Embedder", "View", "features", "join_views", "load_size"]
+__all__ = ["EmbeddedBatch", "Embedder", "View", "features", "join_views", "load_size"]
 
 # Input pixels per forward pass when embedding on the CPU. Smaller passes keep the
 # activations in cache and mostly below glibc's mmap threshold (fewer page faults).
@@ -71,6 +72,25 @@ def join_views(parts: Sequence[np.ndarray]) -> np.ndarray:
 def load_size(image_size: int, crop_pct: float) -> int:
     """Side to which images are resized before the centre crop (or the random crops)."""
     return max(image_size, round(image_size / crop_pct))
+
+
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    """What one network pass gives for a batch of images.
+
+    Attributes
+    ----------
+    embeddings : ndarray of shape (n, d), float32
+        Joined unit-norm embeddings.
+    patches : torch.Tensor of shape (n, h, w, c), float32, or None
+        Patch embeddings, where patch stages were asked for.
+    sizes : list of (int, int)
+        Each image's own height and width.
+    """
+
+    embeddings: np.ndarray
+    patches: torch.Tensor | None
+    sizes: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -154,35 +174,75 @@ class Embedder:
             return cached[1]
 
     @torch.inference_mode()
-    def embed_resized(self, view: int, batches: Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
-        """Embed batches already resized for view ``view``; one array per batch.
+    def run(
+        self, view: int, batch: torch.Tensor, stages: Sequence[str] = ()
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Embed one batch already resized for view ``view``, and tap its patch stages.
 
         Parameters
         ----------
         view : int
             Position of the view in :attr:`views`.
-        batches : iterable of torch.Tensor
-            ``uint8`` ``(n, 3, S, S)`` CPU batches, ``S = load_size``.
+        batch : torch.Tensor
+            ``uint8`` ``(n, 3, S, S)`` on the CPU, ``S = load_size``.
+        stages : sequence of str, default=()
+            Stage modules whose outputs, from the same network call (the unmirrored
+            one), make the patch embeddings (see :class:`~msc_detector.patches.StageTap`).
+
+        Returns
+        -------
+        embeddings : ndarray of shape (n, spec.num_features), float32
+        patches : torch.Tensor of shape (n, h, w, d), float32, or None
+            ``None`` without ``stages``.
+        """
+        model = self.compute_network(self.views[view].network)
+        tap = StageTap(model, stages) if stages else None
+        mean, std = self.spec.preprocess.mean, self.spec.preprocess.std
+        batch = self.runtime.to_device(batch)
+        step = len(batch)
+        if self.runtime.device.type == "cpu":
+            step = max(1, _CPU_EMBED_PIXELS // (batch.shape[-2] * batch.shape[-1]))
+        parts, grids = [], []
+        for part in batch.split(step):
+            x = center_crop_normalize(part, self.image_size, mean, std)
+            if tap is None:
+                z = features(model, x, self.runtime)
+            else:
+                with tap.recording() as outputs:
+                    z = features(model, x, self.runtime)
+                grids.append(tap.join(outputs))
+            if self.flip_average:
+                z = F.normalize(z + features(model, x.flip(-1), self.runtime), dim=1)
+            parts.append(z)
+        embeddings = torch.cat(parts).cpu().numpy()
+        return embeddings, torch.cat(grids) if grids else None
+
+    def embed_resized(self, view: int, batches: Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
+        """Embed batches already resized for view ``view``; one array per batch."""
+        for batch in batches:
+            yield self.run(view, batch)[0]
+
+    def embed_batches(
+        self,
+        source: ImageSource,
+        batch_size: int,
+        num_workers: int = 0,
+        stages: Sequence[str] = (),
+    ) -> Iterator[EmbeddedBatch]:
+        """Decode each image once and run it once through every view's network.
 
         Yields
         ------
-        ndarray of shape (n, spec.num_features), float32
+        EmbeddedBatch
+            The joined embeddings of up to ``batch_size`` images in order, their patch
+            embeddings where ``stages`` are given (from view 0's call), and their sizes.
         """
-        model = self.compute_network(self.views[view].network)
-        mean, std = self.spec.preprocess.mean, self.spec.preprocess.std
-        for batch in batches:
-            batch = self.runtime.to_device(batch)
-            step = len(batch)
-            if self.runtime.device.type == "cpu":
-                step = max(1, _CPU_EMBED_PIXELS // (batch.shape[-2] * batch.shape[-1]))
-            parts = []
-            for part in batch.split(step):
-                x = center_crop_normalize(part, self.image_size, mean, std)
-                z = features(model, x, self.runtime)
-                if self.flip_average:
-                    z = F.normalize(z + features(model, x.flip(-1), self.runtime), dim=1)
-                parts.append(z)
-            yield torch.cat(parts).cpu().numpy()
+        interpolations = [view.interpolation for view in self.views]
+        resized = ResizedViews(source, self.load_size, interpolations, num_workers, True)
+        for *group, sizes in resized.batches(batch_size):
+            first, patches = self.run(0, group[0], stages)
+            rest = [self.run(view, batch)[0] for view, batch in enumerate(group[1:], start=1)]
+            yield EmbeddedBatch(join_views([first, *rest]), patches, sizes.tolist())
 
     def embed(
         self,

@@ -7,18 +7,19 @@ stride-8 and a stride-16 stage, each averaged over its 3x3 neighbourhood (so a p
 sees a little context), the coarser one upsampled to the finer grid, joined along the
 channels. A test patch far from every normal training patch marks an anomaly there.
 
-:class:`PatchEmbedder` runs the network of an :class:`~msc_detector.embedding.Embedder`
-(its BatchNorm-folded compute form, the embedder's preprocessing and runtime) up to the
-last chosen stage and returns the joined grid. :func:`grid_to_maps` turns per-patch
-distances into smooth maps at the network's input side, and :func:`map_to_image`
-places such a map back on an image of any size.
+:class:`StageTap` records the chosen stages' outputs during the same network call that
+computes an image's global embedding (see :class:`~msc_detector.embedding.Embedder`),
+so the two kinds of evidence cost one pass, and joins them into the grid.
+:func:`grid_to_maps` turns per-patch distances into smooth maps at the network's input
+side, and :func:`map_to_image` places such a map back on an image of any size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,11 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msc_detector.augment import center_crop_normalize
-from msc_detector.embedding import Embedder
-
 __all__ = [
-    "PatchEmbedder",
+    "StageTap",
     "gaussian_blur",
     "grid_to_maps",
     "map_to_image",
@@ -43,10 +41,6 @@ __all__ = [
 SIGMA_AT_224 = 4.0
 # Strides of the stages that "auto" picks: mid-level detail with some context.
 AUTO_STRIDES = (8, 16)
-
-
-class _Stop(Exception):
-    """Raised by the last stage's hook: the rest of the network is not needed."""
 
 
 def _find_module(network: nn.Module, name: str) -> nn.Module | None:
@@ -144,64 +138,54 @@ def resolve_stages(
     return tuple(names)
 
 
-class PatchEmbedder:
-    """Images -> a grid of patch embeddings from intermediate stages of view 0's network.
+class StageTap:
+    """Records the outputs of chosen stages while a network runs, for patch embeddings.
+
+    The tap hooks the stages only inside :meth:`recording`, and records only the calls
+    made from the thread that opened it (other threads may run the same network) and
+    only the first output of each stage (a second pass, such as a mirrored one, is
+    ignored).
 
     Parameters
     ----------
-    embedder : Embedder
-        Supplies the network (in its BatchNorm-folded form), the preprocessing, the
-        network's input side and the runtime.
-    stages : tuple of str
+    network : torch.nn.Module
+        The module that runs (for example the BatchNorm-folded compute form).
+    stages : sequence of str
         Module names, from :func:`resolve_stages`.
     """
 
-    def __init__(self, embedder: Embedder, stages: Sequence[str]) -> None:
-        self.embedder = embedder
+    def __init__(self, network: nn.Module, stages: Sequence[str]) -> None:
         self.stages = tuple(stages)
+        self.modules = [_find_module(network, name) for name in self.stages]
+        if any(module is None for module in self.modules):
+            raise RuntimeError(f"The network has no stages {self.stages}.")
 
-    @torch.inference_mode()
-    def embed_resized(self, batch: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings of a batch already resized to the embedder's load size.
-
-        Parameters
-        ----------
-        batch : torch.Tensor
-            ``uint8`` ``(n, 3, S, S)`` on the CPU.
-
-        Returns
-        -------
-        torch.Tensor of shape (n, h, w, d), float32, on the CPU
-            ``(h, w)`` is the finest chosen stage's grid; ``d`` the summed channels.
-        """
-        emb = self.embedder
-        runtime = emb.runtime
-        compute = emb.compute_network(emb.views[0].network)
-        modules = [_find_module(compute, name) for name in self.stages]
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Yield a dict of ``position -> output`` that the hooked stages fill."""
         outputs: dict[int, torch.Tensor] = {}
-        thread = threading.get_ident()  # other threads may run the same network meanwhile
+        thread = threading.get_ident()
 
         def hook(position: int) -> Any:
             def record(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-                if threading.get_ident() != thread:
-                    return
-                outputs[position] = out
-                if len(outputs) == len(modules):
-                    raise _Stop
+                if threading.get_ident() == thread and position not in outputs:
+                    outputs[position] = out
 
             return record
 
-        hooks = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules) if m is not None]
-        mean, std = emb.spec.preprocess.mean, emb.spec.preprocess.std
-        x = center_crop_normalize(runtime.to_device(batch), emb.image_size, mean, std)
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.modules) if m]
         try:
-            with runtime.precision.autocast():
-                compute(runtime.precision.prepare(x))
-        except _Stop:
-            pass
+            yield outputs
         finally:
-            for handle in hooks:
+            for handle in handles:
                 handle.remove()
+
+    def join(self, outputs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Join recorded outputs into patch embeddings, ``(n, h, w, d)`` float32 on the CPU.
+
+        Each stage is averaged over 3x3 neighbourhoods, the coarser grids upsampled to
+        the finest, and the channels joined.
+        """
         if len(outputs) != len(self.stages):
             raise RuntimeError(f"The network did not run the stages {self.stages}.")
         grids = [

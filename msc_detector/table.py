@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msc_detector.cli import scoring
+from msc_detector import files as scoring
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 # A randomly initialised EfficientNet-Lite0 at 32 px fits 24 images in about a second.
+# The global score: most contract tests check the kNN score itself; tests/test_model.py
+# and the image-score tests check the default "combined" score.
 FAST = {
     "weights": None,
     "image_size": 32,
     "epochs": 1,
     "batch_size": 8,
     "random_state": 0,
+    "image_score": "global",
 }
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from msc_detector import MSCDetector, persistence
-from msc_detector.patches import PatchEmbedder, grid_to_maps
+from msc_detector.patches import grid_to_maps
 
 
 def textures(n: int, size: int, seed: int) -> np.ndarray:
@@ -83,7 +83,7 @@ def test_the_bundled_lite0_localises_a_defect_within_a_patch(fast_params) -> Non
     for mask, (y, x) in zip(masks, peaks(maps), strict=True):
         ys, xs = np.nonzero(mask)
         assert ys.min() - 8 <= y <= ys.max() + 8 and xs.min() - 8 <= x <= xs.max() + 8
-    patch = MSCDetector(**params, patch_memory=500, image_score="patch").fit(train)
+    patch = MSCDetector(**{**params, "image_score": "patch"}, patch_memory=500).fit(train)
     assert (patch.decision_function(test) < 0).all()
 
 
@@ -91,6 +91,7 @@ def test_the_bundled_lite0_localises_a_defect_within_a_patch(fast_params) -> Non
 def fitted() -> tuple[MSCDetector, np.ndarray]:
     images = np.random.default_rng(0).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
     params = {"weights": None, "image_size": 32, "epochs": 1, "batch_size": 8}
+    params["image_score"] = "global"  # a bank for the maps; the kNN score to compare with
     return MSCDetector(**params, random_state=0, patch_memory=20).fit(images), images
 
 
@@ -170,9 +171,8 @@ def test_patch_training_scores_leave_each_image_s_own_patches_out(surfaces) -> N
     train, _, _ = surfaces
     det = module_detector(image_score="patch").fit(train)
     bank = det.patch_bank_
-    patcher = PatchEmbedder(det.embedder_, det.patch_stages_)
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in train])
-    features = patcher.embed_resized(batch).numpy()
+    features = det.embedder_.run(0, batch, det.patch_stages_)[1].numpy()
     vectors = bank.vectors()
     expected = []
     for i, grid in enumerate(features):
@@ -189,9 +189,8 @@ def test_the_baseline_is_the_mean_leave_self_out_distance_per_position(surfaces)
     train, _, _ = surfaces
     det = module_detector(patch_memory=100).fit(train)
     bank = det.patch_bank_
-    patcher = PatchEmbedder(det.embedder_, det.patch_stages_)
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in train])
-    features = patcher.embed_resized(batch).numpy()
+    features = det.embedder_.run(0, batch, det.patch_stages_)[1].numpy()
     vectors, grids = bank.vectors(), []
     for i, grid in enumerate(features):  # 16 images: all of them set the baseline
         d = ((grid.reshape(-1, grid.shape[-1])[:, None] - vectors[None]) ** 2).sum(-1)
@@ -217,18 +216,18 @@ def test_the_outlier_contract_holds_for_each_image_score(surfaces, image_score) 
         assert (det.predict(test) == -1).all()  # the squares
 
 
-def test_combined_is_the_sum_of_scores_over_their_training_spreads(surfaces) -> None:
+def test_combined_sums_the_scores_centred_and_scaled_on_their_training_values(surfaces) -> None:
     train, test, _ = surfaces
     glob, patch, both = (module_detector(image_score=s).fit(train) for s in _SCORES)
-    scales = (np.std(glob.train_scores_), np.std(patch.train_scores_))
+    parts = [(-glob.train_scores_, -glob.score_samples(test))]
+    parts += [(-patch.train_scores_, -patch.score_samples(test))]
+    medians = [np.median(a) for a, _ in parts]
+    scales = [1.4826 * np.median(np.abs(a - m)) for (a, _), m in zip(parts, medians, strict=True)]
+    np.testing.assert_allclose(both.score_locations_, medians)
     np.testing.assert_allclose(both.score_scales_, scales)
-    np.testing.assert_allclose(
-        both.train_scores_, glob.train_scores_ / scales[0] + patch.train_scores_ / scales[1]
-    )
-    np.testing.assert_allclose(
-        both.score_samples(test),
-        glob.score_samples(test) / scales[0] + patch.score_samples(test) / scales[1],
-    )
+    for k, scored in enumerate((both.train_scores_, both.score_samples(test))):
+        z = [(p[k] - m) / s for p, m, s in zip(parts, medians, scales, strict=True)]
+        np.testing.assert_allclose(scored, -(z[0] + z[1]))
     assert glob.score_scales_ == patch.score_scales_ == (1.0, 1.0)
 
 
@@ -293,7 +292,7 @@ def test_a_format_2_file_loads_without_a_patch_bank(fitted, tmp_path) -> None:
 
     arrays = {k: v for k, v in load(members["arrays.safetensors"]).items() if "patch" not in k}
     metadata = json.loads(members["metadata.json"])
-    for key in ("patch_stages_", "image_score_", "score_scales_"):
+    for key in ("patch_stages_", "image_score_", "score_scales_", "score_locations_"):
         del metadata["fitted"][key]
     for key in ("patch_memory", "patch_stages", "image_score"):
         del metadata["params"][key]

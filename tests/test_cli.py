@@ -24,11 +24,12 @@ import pytest
 from PIL import Image
 
 from msc_detector import MSCDetector
-from msc_detector.cli import main, scoring
+from msc_detector import files as scoring
+from msc_detector.cli import main
 from msc_detector.cli.app import build_parser
 from msc_detector.cli.errors import UserError
 from msc_detector.cli.inputs import expand_images, folder_labels, read_labels
-from msc_detector.cli.scoring import check_readable
+from msc_detector.files import check_readable
 
 REPO = Path(__file__).resolve().parents[1]
 # A random network at 32 px: a fit takes about a second.
@@ -247,13 +248,13 @@ def test_unreadable_files_are_reported_in_their_rows(
     listing.write_text(f"# files\n{mixed / 'good_001.png'}\nmissing.png\n")
     out = tmp_path / "scores.csv"
     calls = []
-    embed = scoring._embed_and_search
+    explain = MSCDetector.explain
 
-    def spy(detector: MSCDetector, paths: list[str], k: int) -> tuple[np.ndarray, ...]:
+    def spy(detector: MSCDetector, paths: list[str], *args: object) -> object:
         calls.append(len(paths))
-        return embed(detector, paths, k)
+        return explain(detector, paths, *args)
 
-    monkeypatch.setattr(scoring, "_embed_and_search", spy)
+    monkeypatch.setattr(MSCDetector, "explain", spy)
     status = main(["score", str(model), str(mixed), str(listing), "-o", str(out)])
     assert status == 0
     assert calls == [7] + [1] * 7  # the chunk failed on the JPEG: then file by file

@@ -13,7 +13,6 @@ from msc_detector.backbones import create_backbone
 from msc_detector.embedding import Embedder, View
 from msc_detector.index import PatchIndex
 from msc_detector.patches import (
-    PatchEmbedder,
     gaussian_blur,
     grid_to_maps,
     map_to_image,
@@ -56,9 +55,8 @@ def lite0_embedder(size: int = 64) -> Embedder:
 def test_patch_embeddings_are_the_averaged_joined_stage_outputs() -> None:
     """The folded, truncated run gives what timm's own feature extractor gives."""
     embedder = lite0_embedder()
-    patcher = PatchEmbedder(embedder, ("blocks.2", "blocks.4"))
     batch = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    got = patcher.embed_resized(batch)
+    got = embedder.run(0, batch, ("blocks.2", "blocks.4"))[1]
     assert got.shape == (2, 8, 8, 40 + 112) and got.dtype == torch.float32
 
     architecture = embedder.spec.architecture
@@ -78,9 +76,8 @@ def test_patch_embeddings_are_the_averaged_joined_stage_outputs() -> None:
 
 def test_stage_hooks_are_removed_and_ignore_other_threads() -> None:
     embedder = lite0_embedder(32)
-    patcher = PatchEmbedder(embedder, ("blocks.2", "blocks.4"))
     batch = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    patcher.embed_resized(batch)
+    embedder.run(0, batch, ("blocks.2", "blocks.4"))
     compute = embedder.compute_network(embedder.views[0].network)
     assert not any(m._forward_hooks for m in compute.modules())
     # The whole network still runs to its end afterwards.

@@ -34,7 +34,7 @@ def files(folder: Path, n: int, seed: int) -> list[str]:
 )
 def test_rows_score_as_score_samples_does(tmp_path: Path, options: dict) -> None:
     train, test = files(tmp_path, 24, seed=0), files(tmp_path, 10, seed=1)
-    detector = MSCDetector(**FAST, **options).fit(train)
+    detector = MSCDetector(**{**FAST, **options}).fit(train)
     if "index_params" in options:  # a search setting changed after fit is honoured too
         detector.set_params(index_params={"nlist": 4, "nprobe": 4})
     rows = score_table(detector, [*test, str(tmp_path / "missing.png")], neighbors=2)

@@ -7,7 +7,7 @@ file. Modules, one job each:
 * :mod:`~msc_detector.cli.app`: the parser, output conventions and error handling;
 * :mod:`~msc_detector.cli.commands`: the four commands;
 * :mod:`~msc_detector.cli.inputs`: folders, globs and list files -> image paths; labels;
-* :mod:`~msc_detector.cli.scoring`: chunked scoring with per-file errors;
+* :mod:`msc_detector.files` (the library's): chunked scoring with per-file errors;
 * :mod:`~msc_detector.cli.tables`: CSV, JSON Lines and Parquet writers;
 * :mod:`~msc_detector.cli.outputs`: output files checked up front and written whole;
 * :mod:`~msc_detector.cli.report`, :mod:`~msc_detector.cli.evaluation`,

@@ -131,8 +131,8 @@ def _rows(chunk: Any, detector: Any, k: int) -> list[dict[str, Any]]:
 
 def score(args: argparse.Namespace) -> int:
     """Score images and write one row per image to ``args.output``."""
-    from msc_detector.cli.scoring import score_files
     from msc_detector.cli.tables import TableWriter, table_format
+    from msc_detector.files import score_files
 
     files = expand_images(args.images)
     fmt = table_format(args.output, args.format)
@@ -203,7 +203,7 @@ def report(args: argparse.Namespace) -> int:
     import numpy as np
 
     from msc_detector.cli import report as html
-    from msc_detector.cli.scoring import score_files
+    from msc_detector.files import score_files
 
     files, labels = _report_inputs(args)
     check_writable(args.output)
@@ -214,15 +214,18 @@ def report(args: argparse.Namespace) -> int:
     neighbors = np.full((n, k), -1, np.int64)
     distances = np.full((n, k), np.nan, np.float32)
     errors: dict[int, str] = {}
+    shown = html.TopMaps(args.top)  # the maps come from the scoring pass itself
+    with_maps = detector.patch_bank_ is not None and args.top > 0
     start = 0
-    for chunk in score_files(detector, files, k, progress=not args.quiet):
+    for chunk in score_files(detector, files, k, progress=not args.quiet, maps=with_maps):
         stop = start + len(chunk.paths)
         scores[start:stop] = chunk.scores
         neighbors[start:stop] = chunk.neighbors
         distances[start:stop] = chunk.distances
         errors.update({start + i: e for i, e in enumerate(chunk.errors) if e is not None})
+        shown.add(start, chunk, detector)
         start = stop
-    maps, peaks = html.anomaly_maps(detector, files, scores, args.top)
+    maps, peaks = shown.maps, shown.peaks
     data = html.ReportData(
         model_path=args.model,
         metadata=metadata,

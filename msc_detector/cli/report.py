@@ -31,7 +31,7 @@ from msc_detector.cli import evaluation, svg
 from msc_detector.cli.outputs import atomic_file
 from msc_detector.cli.thumbnails import HEAT_COLORS, Thumbnail, make_overlay, make_thumbnail
 
-__all__ = ["MapPeak", "ReportData", "anomaly_maps", "render_report", "write_report"]
+__all__ = ["MapPeak", "ReportData", "TopMaps", "render_report", "write_report"]
 
 NORMAL, ANOMALY, UNKNOWN = 0, 1, -1
 _COLORS = {
@@ -130,39 +130,32 @@ def _most_anomalous(scores: np.ndarray, top: int) -> np.ndarray:
     return scored[np.argsort(scores[scored], kind="stable")][:top]
 
 
-def anomaly_maps(
-    detector: Any, paths: Sequence[str], scores: np.ndarray, top: int
-) -> tuple[dict[int, np.ndarray], dict[int, MapPeak]]:
-    """Anomaly maps and peaks of the images the report shows as most anomalous.
+class TopMaps:
+    """The anomaly maps and peaks of the ``top`` lowest-scoring images seen so far.
 
-    Parameters
-    ----------
-    detector : MSCDetector
-        Fitted; without a patch bank (``patch_bank_`` is ``None``) there are no maps.
-    paths : sequence of str
-        The scored image files.
-    scores : ndarray of shape (n,)
-        Their scores, NaN where a file could not be read.
-    top : int
-        Images shown in the most anomalous section.
-
-    Returns
-    -------
-    maps : dict of int to ndarray
-        ``ReportData.maps``.
-    peaks : dict of int to MapPeak
-        ``ReportData.peaks``.
+    Fed each scored chunk in turn (:func:`msc_detector.files.score_files` with maps), it
+    keeps only the maps the report can show, so no image is decoded twice.
     """
-    shown = _most_anomalous(scores, top)
-    if getattr(detector, "patch_bank_", None) is None or not len(shown):
-        return {}, {}
-    found_maps, found = detector.anomaly_map([paths[i] for i in shown], return_neighbors=True)
-    maps, peaks = {}, {}
-    for j, i in enumerate(shown.tolist()):
-        maps[i] = np.asarray(found_maps[j], np.float32)
-        row, col = (float(v) for v in found["train_position"][j])
-        peaks[i] = MapPeak(float(found["distance"][j]), int(found["train_index"][j]), (row, col))
-    return maps, peaks
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.scores: dict[int, float] = {}
+        self.maps: dict[int, np.ndarray] = {}
+        self.peaks: dict[int, MapPeak] = {}
+
+    def add(self, start: int, chunk: Any, detector: Any) -> None:
+        """Offer the maps of a chunk whose first file is at position ``start``."""
+        for j, image_map in enumerate(chunk.maps):
+            if image_map is None or not np.isfinite(chunk.scores[j]):
+                continue
+            i, peak = start + j, chunk.peaks[j]
+            self.scores[i] = float(chunk.scores[j])
+            self.maps[i] = np.asarray(image_map, np.float32)
+            owner, position = detector.model_.patches.source(int(peak["bank_index"]))
+            self.peaks[i] = MapPeak(float(peak["distance"]), owner, position)
+        keep = set(sorted(self.scores, key=lambda i: (self.scores[i], i))[: self.top])
+        for gone in set(self.scores) - keep:
+            del self.scores[gone], self.maps[gone], self.peaks[gone]
 
 
 # ----------------------------------------------------------------------- helpers

@@ -1,18 +1,23 @@
 """Score image files in chunks with a fitted detector, a file that cannot be read in its row.
 
+The library's file scoring: the command line (``msc-detector score`` and ``report``),
+:func:`msc_detector.table.score_table` (Dask, Spark) all call :func:`score_files`.
+
 The detector raises one ``ValueError`` for a whole batch when one file in it cannot be
 decoded. Here every file is first checked cheaply (it exists, and PIL can identify and
 verify it); the rest are scored a chunk at a time, and where a chunk still fails (a file
 that passes the check but does not decode, such as a truncated JPEG), its files are
 scored one by one so that only the bad one gets an error. Only one chunk of images and
-embeddings is held at a time.
+embeddings is held at a time. Each file is decoded and run through the network once for
+its score, its nearest training images and (where asked) its anomaly map
+(:meth:`MSCDetector.explain <msc_detector.MSCDetector.explain>`).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +44,11 @@ class Chunk:
         Euclidean distances between embeddings, as ``kneighbors`` returns them.
     errors : list of str or None
         Why a file could not be scored, else ``None``.
+    maps : list of ndarray or None
+        Each file's anomaly map where maps were asked for (``None`` for a failed file).
+    peaks : list of dict or None
+        Where each map peaks and the training patch nearest there (see
+        :class:`~msc_detector.model.Explanation`).
     """
 
     paths: list[str]
@@ -46,6 +56,8 @@ class Chunk:
     neighbors: np.ndarray
     distances: np.ndarray
     errors: list[str | None]
+    maps: list[np.ndarray | None] = field(default_factory=list)
+    peaks: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def check_readable(path: str) -> str | None:
@@ -70,14 +82,7 @@ def check_readable(path: str) -> str | None:
     return None
 
 
-def _embed_and_search(
-    detector: Any, paths: Sequence[str], k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores (``score_samples``), neighbour positions and distances of ``paths``."""
-    return detector._score_with_neighbors(list(paths), k)
-
-
-def _score_chunk(detector: Any, paths: Sequence[str], k: int) -> Chunk:
+def _score_chunk(detector: Any, paths: Sequence[str], k: int, maps: bool) -> Chunk:
     n = len(paths)
     chunk = Chunk(
         list(paths),
@@ -85,23 +90,28 @@ def _score_chunk(detector: Any, paths: Sequence[str], k: int) -> Chunk:
         np.full((n, k), -1, np.int64),
         np.full((n, k), np.nan, np.float32),
         [check_readable(path) for path in paths],
+        [None] * n if maps else [],
+        [None] * n if maps else [],
     )
     todo = [i for i, error in enumerate(chunk.errors) if error is None]
     if not todo:
         return chunk
     try:
-        results = [(todo, _embed_and_search(detector, [paths[i] for i in todo], k))]
+        results = [(todo, detector.explain([paths[i] for i in todo], k, maps))]
     except ValueError:  # a file that passed the check does not decode: find it
         results = []
         for i in todo:
             try:
-                results.append(([i], _embed_and_search(detector, [paths[i]], k)))
+                results.append(([i], detector.explain([paths[i]], k, maps)))
             except ValueError as exc:
                 chunk.errors[i] = str(exc)
-    for rows, (scores, neighbors, distances) in results:
-        chunk.scores[rows] = scores
-        chunk.neighbors[rows] = neighbors
-        chunk.distances[rows] = distances
+    for rows, found in results:
+        chunk.scores[rows] = found.scores
+        if k:
+            chunk.neighbors[rows] = found.indices
+            chunk.distances[rows] = found.distances
+        for j, i in enumerate(rows if maps else []):
+            chunk.maps[i], chunk.peaks[i] = found.maps[j], found.peaks[j]
     return chunk
 
 
@@ -111,6 +121,7 @@ def score_files(
     n_neighbors: int,
     chunk_size: int = CHUNK_SIZE,
     progress: bool = True,
+    maps: bool = False,
 ) -> Iterator[Chunk]:
     """Score image files a chunk at a time, in order.
 
@@ -126,6 +137,8 @@ def score_files(
         Files embedded at a time.
     progress : bool, default=True
         Show a progress bar over the files on stderr.
+    maps : bool, default=False
+        Also give each file's anomaly map (the detector needs a patch bank).
 
     Yields
     ------
@@ -139,5 +152,5 @@ def score_files(
     with tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), step):
             part = paths[start : start + step]
-            yield _score_chunk(detector, part, k)
+            yield _score_chunk(detector, part, k, maps)
             bar.update(len(part))

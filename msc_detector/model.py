@@ -1,0 +1,407 @@
+"""The fitted model: one object that owns every piece of fitted state and every search.
+
+A :class:`FittedModel` turns images into verdicts. Each image is decoded once and run
+once through the network (:meth:`Embedder.embed_batches
+<msc_detector.embedding.Embedder.embed_batches>`); that one pass gives its global
+embedding, searched in the kNN index of the training embeddings, and its patch
+embeddings, searched in the patch bank (:class:`PatchScorer`). The
+:class:`~msc_detector.verdict.ScoreRule` joins the two anomalies into one score.
+:meth:`FittedModel.state` and :meth:`FittedModel.from_state` are the one description
+of the fitted state that model files, pickles and the Dask shipment use.
+
+No scikit-learn here; :class:`~msc_detector.MSCDetector` keeps the parameters, the
+validation and ``offset_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from msc_detector.backbones import BackboneSpec
+from msc_detector.data import ImageSource
+from msc_detector.embedding import Embedder, View
+from msc_detector.index import KNNIndex, PatchIndex
+from msc_detector.patches import grid_to_maps, map_to_image, network_positions
+from msc_detector.runtime import land_runtime
+from msc_detector.verdict import ScoreRule
+
+__all__ = ["Evidence", "Explanation", "FittedModel", "PatchScorer", "SavedParts"]
+
+
+class PatchScorer:
+    """Patch distances, anomaly maps and patch image scores against a bank of normal patches.
+
+    Parameters
+    ----------
+    bank : PatchIndex
+        The kept training patches with their owners, grid positions and baseline.
+    stages : tuple of str
+        The network's stage modules whose outputs make the patch embeddings.
+    """
+
+    def __init__(self, bank: PatchIndex, stages: tuple[str, ...]) -> None:
+        self.bank = bank
+        self.stages = tuple(stages)
+
+    def raw_distances(
+        self, features: torch.Tensor, owners: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distance of each patch to its nearest bank patch, and that patch's position.
+
+        With ``owners`` (the training image of each image), patches of the image's own
+        are skipped (leave-self-out).
+
+        Returns
+        -------
+        distances : ndarray of shape (n, h, w), float32
+        nearest : ndarray of shape (n, h, w), int64
+        """
+        n, h, w, d = features.shape
+        queries = features.reshape(-1, d).numpy()
+        if owners is None:
+            squared, nearest = self.bank.nearest(queries)
+        else:
+            squared, nearest = self.bank.nearest_other_image(queries, np.repeat(owners, h * w))
+        return np.sqrt(np.maximum(squared, 0.0)).reshape(n, h, w), nearest.reshape(n, h, w)
+
+    def excess(self, raw: np.ndarray) -> torch.Tensor:
+        """Distances above the typical one at their grid position (the map's values)."""
+        return torch.from_numpy(raw - self.bank.baseline)
+
+    def source(self, index: int) -> tuple[int, tuple[float, float]]:
+        """Return the training image of bank patch ``index`` and the patch's centre in it.
+
+        The centre is ``(row, column)`` as fractions (0-1) of the image's network input;
+        ``(-1, (nan, nan))`` for ``index`` -1 (no patch).
+        """
+        if index < 0:
+            return -1, (float("nan"), float("nan"))
+        bank = self.bank
+        row, col = ((bank.positions[index] + 0.5) / np.asarray(bank.grid, np.float64)).tolist()
+        return int(bank.owners[index]), (row, col)
+
+    @staticmethod
+    def maxima(excess: torch.Tensor, size: int) -> np.ndarray:
+        """Maximum of each smoothed map at the network's input side ``size``, float64."""
+        return grid_to_maps(excess, size).amax(dim=(1, 2)).double().numpy()
+
+
+@dataclass
+class Evidence:
+    """What one pass tells about a batch of images (``None`` where not asked for).
+
+    Attributes
+    ----------
+    squared, indices : ndarray of shape (n, k)
+        Squared distances to, and positions of, the nearest training embeddings.
+    patch_excess : torch.Tensor of shape (n, h, w)
+        Patch distances above the baseline.
+    patch_nearest : ndarray of shape (n, h, w), int64
+        Position in the bank of each patch's nearest bank patch.
+    patch_anomaly : ndarray of shape (n,), float64
+        Maximum of each smoothed map: the patch anomaly.
+    sizes : list of (int, int)
+        The images' own heights and widths.
+    """
+
+    squared: np.ndarray | None
+    indices: np.ndarray | None
+    patch_excess: torch.Tensor | None
+    patch_nearest: np.ndarray | None
+    patch_anomaly: np.ndarray | None
+    sizes: list[list[int]]
+
+
+@dataclass(eq=False)
+class FittedModel:
+    """Every piece of a fitted detector's state, with the searches over it.
+
+    Attributes
+    ----------
+    embedder : Embedder
+        Views, networks, preprocessing and runtime.
+    index : KNNIndex
+        The training images' embeddings.
+    center : ndarray of shape (n_features,)
+        Mean of the normalised pretrained embeddings (the MSC loss's centre).
+    rule : ScoreRule
+        How the two anomalies make one score, with its training scores.
+    patches : PatchScorer or None
+        The patch bank, where the model has one.
+    n_train : int
+    train_paths : list of str or None
+        The training files, in the index's order, where fit was given paths.
+    history : list of dict
+        Per training epoch: ``epoch``, ``loss``, ``seconds``.
+    weights_source : str
+        Where the initial weights came from.
+    """
+
+    embedder: Embedder
+    index: KNNIndex
+    center: np.ndarray
+    rule: ScoreRule
+    patches: PatchScorer | None
+    n_train: int
+    train_paths: list[str] | None
+    history: list[dict[str, Any]]
+    weights_source: str
+
+    def evidence(
+        self,
+        source: ImageSource,
+        *,
+        batch_size: int,
+        num_workers: int,
+        k: int = 0,
+        settings: Mapping[str, int] | None = None,
+        patches: bool = False,
+        gpu: bool = False,
+    ) -> Iterator[Evidence]:
+        """One pass over ``source``: per batch, the global search and the patch search.
+
+        Parameters
+        ----------
+        k : int, default=0
+            Nearest training embeddings to find; 0 skips the global search.
+        settings : mapping, optional
+            Search settings of an approximate index (``nprobe``, ``efSearch``).
+        patches : bool, default=False
+            Also search the patch bank (the model must have one).
+        """
+        if patches and self.patches is None:
+            raise ValueError("This model has no patch bank.")
+        stages = self.patches.stages if patches and self.patches is not None else ()
+        size = self.embedder.image_size
+        for batch in self.embedder.embed_batches(source, batch_size, num_workers, stages):
+            found = Evidence(None, None, None, None, None, batch.sizes)
+            if k:
+                found.squared, found.indices = self.index.search(
+                    batch.embeddings, k, dict(settings or {}), gpu
+                )
+            if self.patches is not None and batch.patches is not None:
+                raw, found.patch_nearest = self.patches.raw_distances(batch.patches)
+                found.patch_excess = self.patches.excess(raw)
+                found.patch_anomaly = self.patches.maxima(found.patch_excess, size)
+            yield found
+
+    def image_map(self, found: Evidence, j: int) -> np.ndarray:
+        """Return the anomaly map of image ``j`` of a batch, at the image's own size."""
+        assert found.patch_excess is not None
+        height, width = found.sizes[j]
+        network_map = grid_to_maps(found.patch_excess[j : j + 1], self.embedder.image_size)[0]
+        return map_to_image(
+            network_map, height, width, self.embedder.load_size, self.embedder.image_size
+        )
+
+    def map_peak(self, found: Evidence, j: int, image_map: np.ndarray) -> dict[str, Any]:
+        """Where image ``j``'s map peaks and which normal patch is nearest there.
+
+        Returns ``peak`` (row, column; NaN where the map is all NaN), ``distance`` (the
+        patch's distance to its nearest bank patch, without the baseline) and
+        ``bank_index`` (-1 where the map is all NaN).
+        """
+        assert self.patches is not None and found.patch_excess is not None
+        assert found.patch_nearest is not None
+        if not np.isfinite(image_map).any():  # the network saw none of the image
+            return {"peak": (np.nan, np.nan), "distance": np.nan, "bank_index": -1}
+        bank, size, load = self.patches.bank, self.embedder.image_size, self.embedder.load_size
+        height, width = found.sizes[j]
+        y, x = np.unravel_index(int(np.nanargmax(image_map)), image_map.shape)
+        ny = float(network_positions(height, width, load, size)[y])
+        nx = float(network_positions(width, height, load, size)[x])
+        h, w = bank.grid
+        row = min(h - 1, max(0, int(ny / size * h)))
+        col = min(w - 1, max(0, int(nx / size * w)))
+        excess = float(found.patch_excess[j, row, col])
+        return {
+            "peak": (float(y), float(x)),
+            "distance": excess + float(bank.baseline[row, col]),
+            "bank_index": int(found.patch_nearest[j, row, col]),
+        }
+
+    def scores(self, found: Evidence, k: int) -> np.ndarray:
+        """``score_samples`` of a batch from its evidence (``k`` neighbours summed)."""
+        global_anomaly = None
+        if found.squared is not None:
+            global_anomaly = found.squared[:, :k].sum(axis=1, dtype=np.float64)
+        return self.rule.scores(global_anomaly, found.patch_anomaly)
+
+    def networks(self) -> tuple[nn.Module, nn.Module | None]:
+        """Return the fine-tuned network and the pretrained one of the nearest view."""
+        views = self.embedder.views
+        extra = views[1].network if len(views) > 1 else None
+        return views[0].network, None if extra is views[0].network else extra
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Return the fitted state as JSON-able scalars and named arrays.
+
+        The names are those of the model file (:data:`msc_detector.persistence.FITTED`
+        and its arrays); the networks (``embedder.views``), the backbone spec, the index
+        and the training paths are this object's other members, which persistence
+        stores as they are. :meth:`from_state` rebuilds the model.
+        """
+        emb, rule = self.embedder, self.rule
+        scalars: dict[str, Any] = {
+            "image_size_": emb.image_size,
+            "crop_pct_": emb.crop_pct,
+            "flip_average_": emb.flip_average,
+            "nearest_view_": len(emb.views) > 1,
+            "n_train_": self.n_train,
+            "history_": [dict(entry) for entry in self.history],
+            "device_": str(emb.runtime.device),
+            "precision_": emb.runtime.precision.name,
+            "weights_source_": self.weights_source,
+            "patch_stages_": list(self.patches.stages) if self.patches else [],
+            "image_score_": rule.mode,
+            "score_locations_": list(rule.locations),
+            "score_scales_": list(rule.scales),
+        }
+        arrays: dict[str, np.ndarray] = {
+            "center_": np.ascontiguousarray(self.center, np.float32),
+            "train_scores_": np.ascontiguousarray(rule.train_scores, np.float64),
+        }
+        if self.patches is not None:
+            bank = self.patches.bank
+            arrays["patch_vectors"] = np.ascontiguousarray(bank.vectors(), np.float32)
+            arrays["patch_owners"] = bank.owners
+            arrays["patch_positions"] = bank.positions
+            arrays["patch_grid"] = np.asarray(bank.grid, np.int64)
+            arrays["patch_baseline"] = bank.baseline
+        return scalars, arrays
+
+    @classmethod
+    def from_state(
+        cls,
+        scalars: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        parts: SavedParts,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+    ) -> FittedModel:
+        """Rebuild a model from :meth:`state` and its other members, landed on ``device``.
+
+        ``device="auto"``: the device it was fitted on where that exists, else the CPU
+        (with a warning for a GPU-fitted model); see :func:`msc_detector.runtime.land_runtime`.
+        """
+        runtime = land_runtime(scalars["device_"], scalars["precision_"], precision, device)
+        network = runtime.place(parts.backbone)
+        views = [View(parts.spec.preprocess.interpolation, network)]
+        if scalars["nearest_view_"]:
+            other = parts.pretrained
+            views.append(View("nearest", network if other is None else runtime.place(other)))
+        embedder = Embedder(
+            views,
+            parts.spec,
+            scalars["image_size_"],
+            scalars["crop_pct_"],
+            scalars["flip_average_"],
+            runtime,
+        )
+        patches = None
+        if scalars["patch_stages_"]:
+            grid = arrays["patch_grid"]
+            bank = PatchIndex(
+                arrays["patch_vectors"],
+                arrays["patch_owners"],
+                arrays["patch_positions"],
+                (int(grid[0]), int(grid[1])),
+                arrays["patch_baseline"],
+            )
+            patches = PatchScorer(bank, tuple(scalars["patch_stages_"]))
+        rule = ScoreRule(
+            scalars["image_score_"],
+            tuple(scalars["score_locations_"]),  # type: ignore[arg-type]
+            tuple(scalars["score_scales_"]),  # type: ignore[arg-type]
+            arrays["train_scores_"],
+        )
+        return cls(
+            embedder=embedder,
+            index=parts.index,
+            center=arrays["center_"],
+            rule=rule,
+            patches=patches,
+            n_train=int(scalars["n_train_"]),
+            train_paths=parts.train_paths,
+            history=[dict(entry) for entry in scalars["history_"]],
+            weights_source=str(scalars["weights_source_"]),
+        )
+
+
+@dataclass
+class Explanation:
+    """Scores and their evidence, per image: what ``MSCDetector.explain`` returns.
+
+    Attributes
+    ----------
+    scores : ndarray of shape (n,), float64
+        ``score_samples``.
+    false_alarm_rates : ndarray of shape (n,), float64
+        See :meth:`MSCDetector.false_alarm_rate <msc_detector.MSCDetector.false_alarm_rate>`.
+    indices : ndarray of shape (n, k), int64
+        Positions in the training set of the nearest training images.
+    distances : ndarray of shape (n, k), float32
+        Euclidean distances to them, as ``kneighbors`` returns them.
+    maps : list of ndarray
+        Anomaly maps at each image's own size, where asked for.
+    peaks : list of dict
+        Where each map peaks and the bank patch nearest there (see
+        :meth:`FittedModel.map_peak`).
+    """
+
+    scores: np.ndarray
+    false_alarm_rates: np.ndarray
+    indices: np.ndarray
+    distances: np.ndarray
+    maps: list[np.ndarray] = field(default_factory=list)
+    peaks: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, k: int) -> Explanation:
+        """Return an explanation of no images, with room for ``k`` neighbours."""
+        none = np.empty(0)
+        return cls(none, none, np.empty((0, k), np.int64), np.empty((0, k), np.float32))
+
+    def add(self, model: FittedModel, found: Evidence, k: int, wanted: int, maps: bool) -> None:
+        """Append one batch's scores, neighbours and maps."""
+        self.scores = np.concatenate([self.scores, model.scores(found, k)])
+        if wanted:
+            assert found.squared is not None and found.indices is not None
+            distances = np.sqrt(np.maximum(found.squared[:, :wanted], 0.0))
+            self.distances = np.concatenate([self.distances, distances])
+            self.indices = np.concatenate([self.indices, found.indices[:, :wanted]])
+        if maps:
+            for j in range(len(found.sizes)):
+                image_map = model.image_map(found, j)
+                self.maps.append(image_map)
+                self.peaks.append(model.map_peak(found, j, image_map))
+
+    def map_neighbors(self, model: FittedModel) -> dict[str, np.ndarray]:
+        """Return the ``return_neighbors`` dict of ``anomaly_map``."""
+        assert model.patches is not None
+        sources = [model.patches.source(int(p["bank_index"])) for p in self.peaks]
+        return {
+            "peak": np.asarray([p["peak"] for p in self.peaks], np.float64).reshape(-1, 2),
+            "distance": np.asarray([p["distance"] for p in self.peaks], np.float32),
+            "train_index": np.asarray([owner for owner, _ in sources], np.int64),
+            "train_position": np.asarray([pos for _, pos in sources], np.float64).reshape(-1, 2),
+        }
+
+
+@dataclass(frozen=True)
+class SavedParts:
+    """The members of a saved model besides its scalars and arrays, rebuilt on the CPU."""
+
+    spec: BackboneSpec
+    backbone: nn.Module
+    pretrained: nn.Module | None
+    index: KNNIndex
+    train_paths: list[str] | None

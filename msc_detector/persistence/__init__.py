@@ -1,0 +1,131 @@
+"""Model files: a fitted detector in one zip archive that loads without running code.
+
+:meth:`MSCDetector.save <msc_detector.MSCDetector.save>` and :meth:`MSCDetector.load
+<msc_detector.MSCDetector.load>` write and read the file described here; pickling a
+detector uses the same :func:`encode` and :func:`decode`, without the archive, and
+:func:`dumps` gives a file's bytes in memory (the Dask shipment). Tensors
+are safetensors, the rest is JSON: nothing is unpickled, evaluated or imported.
+
+A detector whose backbone was given as a ``torch.nn.Module`` has no model file: the
+file rebuilds networks from their timm architecture name and holds no code, so
+:func:`save` refuses it. Its pickles hold the same members but ``networks.safetensors``,
+and the pickled modules themselves instead.
+:func:`inspect` verifies a file without importing torch, timm or Faiss.
+
+The format (members, schema, trust, versions) is described in the documentation's
+"Model files" page; :mod:`~msc_detector.persistence.schema` declares it in code,
+:mod:`~msc_detector.persistence.container` reads and writes the archive and
+:mod:`~msc_detector.persistence.codec` turns a detector's declared state into members
+and back.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from msc_detector.persistence.codec import SavedModel, decode, encode, json_params
+from msc_detector.persistence.container import (
+    archive_bytes,
+    pack,
+    verified_members,
+    write_atomically,
+)
+from msc_detector.persistence.schema import (
+    FITTED,
+    FORMAT_VERSION,
+    LIMITS,
+    MEMBERS,
+    METADATA_SCHEMA,
+    NOT_SAVED,
+    READABLE_VERSIONS,
+    ModelFileError,
+)
+
+__all__ = ["FITTED", "FORMAT_VERSION", "MEMBERS", "METADATA_SCHEMA", "READABLE_VERSIONS"]
+__all__ += ["ModelFileError", "SavedModel", "decode", "dumps", "encode", "inspect", "read"]
+__all__ += ["save"]
+
+# The names tests and older callers reach for.
+_LIMITS = LIMITS
+_json_params = json_params
+_verified_members = verified_members
+
+
+def _payload(detector: Any) -> dict[str, bytes]:
+    """Return the members of a detector's model file, warning about dropped parameters."""
+    spec = detector.backbone_spec_
+    if spec.is_module:
+        raise ValueError(NOT_SAVED.format(kind=spec.architecture.split(":", 1)[1]))
+    if dropped := json_params(detector.get_params(deep=False))[1]:
+        message = f"{', '.join(dropped)} cannot be stored in a model file: saved as None"
+        warnings.warn(f"{message} (only fit uses it).", UserWarning, stacklevel=4)
+    return pack(encode(detector))
+
+
+def save(detector: Any, path: str | os.PathLike[str]) -> None:
+    """Write a fitted detector to ``path`` atomically, in the format described above.
+
+    Warns (``UserWarning``) when parameters JSON cannot hold (``epoch_callback``, a
+    ``RandomState`` as ``random_state``) are dropped: they load as ``None``. Refuses,
+    with a ``ValueError`` that names joblib, a detector whose backbone is a module.
+    """
+    write_atomically(Path(path), _payload(detector))
+
+
+def dumps(detector: Any) -> bytes:
+    """Return the bytes of ``detector``'s model file, in memory (see :func:`save`)."""
+    return archive_bytes(_payload(detector))
+
+
+def read(source: str | os.PathLike[str] | bytes) -> SavedModel:
+    """Verify a model file (a path, or its bytes) and :func:`decode` it."""
+    where, manifest, members = verified_members(source)
+    return decode(members, str(where), version=manifest["format_version"])
+
+
+def inspect(path: str | os.PathLike[str] | bytes) -> dict[str, Any]:
+    """Verify a model file and return its metadata, without importing torch, timm or Faiss.
+
+    All is checked but the networks, which only :meth:`MSCDetector.load
+    <msc_detector.MSCDetector.load>` builds. Returns ``format``, ``format_version``,
+    the keys of ``metadata.json`` and ``members`` (name -> ``{"size", "sha256"}``).
+    """
+    from msc_detector.persistence.codec import metadata_and_arrays
+
+    where, manifest, members = verified_members(path)
+    metadata, _ = metadata_and_arrays(where, members, manifest["format_version"])
+    info = {key: manifest[key] for key in ("format", "format_version")}
+    return {**info, **metadata, "members": manifest["members"]}
+
+
+def to_pickle_state(detector: Any) -> dict[str, Any]:
+    """Return what a pickle of a fitted detector holds.
+
+    Its members; for a module backbone, the members without networks and the networks
+    themselves (on the CPU).
+    """
+    model = detector.model_
+    if not model.embedder.spec.is_module:
+        return {"members": encode(detector)}
+    networks = tuple(_on_cpu(network) for network in model.networks())
+    return {"members": encode(detector, networks=False), "networks": networks}
+
+
+def from_pickle_state(state: dict[str, Any]) -> tuple[Any, float]:
+    """Return the model and ``offset_`` of :func:`to_pickle_state`, landed as ``load`` lands."""
+    saved = decode(state["members"], "pickle", networks=state.get("networks"))
+    precision = saved.params.get("precision") or "auto"
+    return saved.model("auto", str(precision)), float(saved.fitted["offset_"])
+
+
+def _on_cpu(model: Any) -> Any:
+    """``model`` itself where it is on the CPU, else a CPU copy of it (for pickling)."""
+    import copy
+
+    if model is None:
+        return None
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(model).cpu()
