@@ -530,3 +530,37 @@ def test_inspect_prints_json_without_importing_torch(model: Path) -> None:
     assert json.loads(result.stdout) == json.loads(json.dumps(msc_detector.inspect(model)))
     via_module = _run(sys.executable, "-m", "msc_detector", "inspect", str(model))
     assert json.loads(via_module.stdout)["fitted"]["n_train_"] == 20
+
+
+# ------------------------------------------------------- hardening, round 2
+
+
+def test_a_labels_file_that_gives_an_image_both_labels_is_refused(
+    tmp_path: Path, model: Path, folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.csv"
+    # the same file, spelt twice, labelled both ways on lines 2 and 5 (4 is blank)
+    labels.write_text("path,label\na.png,good\nb.png,bad\n\n./sub/../a.png,bad\n")
+    with pytest.raises(UserError) as caught:
+        read_labels(str(labels))
+    message = str(caught.value)
+    assert str(labels) in message
+    assert "a.png" in message
+    assert "lines 2 and 5" in message
+    assert "both normal and an anomaly" in message
+    # as --good/--bad overlap is: exit 1, one line, nothing written
+    good = [f"{p},good" for p in sorted((folders / "test" / "good").iterdir())]
+    labels.write_text("path,label\n" + "\n".join([*good, f"{good[0][:-5]},bad"]) + "\n")
+    page = tmp_path / "report.html"
+    assert main(["report", str(model), "--labels", str(labels), "-o", str(page)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{labels}: " in line and "lines 2 and 8" in line
+    assert not page.exists()
+
+
+def test_a_labels_file_may_repeat_an_image_with_the_same_label(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na.png,good\nb.png,bad\na.png,normal\nb.png,1\n")
+    paths, known = read_labels(str(labels))
+    assert paths == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # each once
+    assert [known[os.path.abspath(p)] for p in paths] == [False, True]

@@ -83,8 +83,14 @@ def _read_list(list_file: Path) -> list[str]:
 
 
 def _csv_rows(list_file: Path, text: str) -> list[list[str]]:
+    return [row for _, row in _numbered_csv_rows(list_file, text)]
+
+
+def _numbered_csv_rows(list_file: Path, text: str) -> list[tuple[int, list[str]]]:
+    """Return the rows that are not blank, each with the line number it ends on."""
+    reader = csv.reader(text.splitlines())
     try:
-        return [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
+        return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as exc:
         raise UserError(f"{str(list_file)!r} is not a valid CSV file: {exc}") from exc
 
@@ -202,7 +208,10 @@ def read_labels(labels_file: str) -> tuple[list[str], Labels]:
     Raises
     ------
     UserError
-        For a missing or malformed file, missing columns or an unknown label.
+        For a missing or malformed file, missing columns, an unknown label, or an image
+        labelled both normal and an anomaly (the message names the lines). An image
+        listed twice with the same label is kept once: merged lists repeat entries, and
+        the label is not in doubt.
     """
     where = Path(labels_file)
     if not where.is_file():
@@ -211,8 +220,8 @@ def read_labels(labels_file: str) -> tuple[list[str], Labels]:
         text = where.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read the labels file {labels_file!r}: {exc}") from exc
-    rows = _csv_rows(where, text)
-    header = rows[0] if rows else []
+    rows = _numbered_csv_rows(where, text)
+    header = rows[0][1] if rows else []
     path_col, label_col = _column(header, _PATH_COLUMNS), _column(header, _LABEL_COLUMNS)
     if path_col is None or label_col is None:
         raise UserError(
@@ -221,15 +230,28 @@ def read_labels(labels_file: str) -> tuple[list[str], Labels]:
         )
     paths: list[str] = []
     labels: Labels = {}
-    for number, row in enumerate(rows[1:], start=2):
+    first_line: dict[str, int] = {}
+    # by key: the entry, the line of its first label, the first line that contradicts it
+    both: dict[str, tuple[str, int, int]] = {}
+    for number, row in rows[1:]:
         if len(row) <= max(path_col, label_col):
             raise UserError(f"{labels_file}:{number}: expected a path and a label, got {row!r}")
         entry = row[path_col].strip()
         path = entry if os.path.isabs(entry) else str(where.parent / entry)
         key = path_key(path)
+        label = _parse_label(row[label_col], f"{labels_file}:{number}")
         if key not in labels:
             paths.append(path)
-        labels[key] = _parse_label(row[label_col], f"{labels_file}:{number}")
+            labels[key], first_line[key] = label, number
+        elif labels[key] != label and key not in both:
+            both[key] = (entry, first_line[key], number)
+    if both:
+        entry, first, second = next(iter(both.values()))
+        more = f"; {len(both) - 1:,} more images have both labels" if len(both) > 1 else ""
+        raise UserError(
+            f"{labels_file}: {entry!r} is labelled both normal and an anomaly (lines {first} "
+            f"and {second}){more}; give each image one label"
+        )
     if not paths:
         raise UserError(f"the labels file {labels_file!r} lists no images")
     return paths, labels
