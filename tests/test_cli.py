@@ -564,3 +564,39 @@ def test_a_labels_file_may_repeat_an_image_with_the_same_label(tmp_path: Path) -
     paths, known = read_labels(str(labels))
     assert paths == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # each once
     assert [known[os.path.abspath(p)] for p in paths] == [False, True]
+
+
+def test_outputs_are_replaced_through_links_keeping_their_mode(
+    model: Path, folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    (tmp_path / "real").mkdir()
+    images = str(folders / "test" / "bad")
+    for name in ("scores.csv", "report.html"):
+        target = tmp_path / "real" / name
+        target.write_text("old")
+        target.chmod(0o640)
+        link = tmp_path / f"link-{name}"
+        link.symlink_to(target)
+        command = "score" if name.endswith(".csv") else "report"
+        synced.clear()
+        assert main([command, str(model), images, "-o", str(link), "-q"]) == 0
+        assert link.is_symlink() and link.resolve() == target  # the link stays a link
+        assert target.read_text(encoding="utf-8") != "old"  # and its target is new
+        assert target.stat().st_mode & 0o777 == 0o640
+        assert len(synced) >= 2  # the file, then its folder
+        assert sorted(p.name for p in (tmp_path / "real").iterdir()) == sorted(
+            [n for n in ("scores.csv", "report.html") if (tmp_path / "real" / n).exists()]
+        )  # no hidden file left beside the target
+    plain = tmp_path / "plain.csv"  # no link: the mode is kept all the same
+    plain.write_text("old")
+    plain.chmod(0o600)
+    assert main(["score", str(model), images, "-o", str(plain), "-q"]) == 0
+    assert plain.stat().st_mode & 0o777 == 0o600 and len(_read_csv(plain)) == 6
+    # a dangling link: its target is created, as open() would
+    dangling = tmp_path / "dangling.csv"
+    dangling.symlink_to(tmp_path / "real" / "new.csv")
+    assert main(["score", str(model), images, "-o", str(dangling), "-q"]) == 0
+    assert dangling.is_symlink() and len(_read_csv(tmp_path / "real" / "new.csv")) == 6

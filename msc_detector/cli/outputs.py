@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Any
 
+from msc_detector._atomic import atomic_write, hidden_sibling, write_target
 from msc_detector.cli.errors import UserError
 
 __all__ = ["atomic_file", "check_writable"]
-
-
-def _hidden_sibling(target: Path, suffix: str) -> Path:
-    return target.parent / f".{target.name[:200]}.{os.urandom(6).hex()}{suffix}"
 
 
 def check_writable(output: str) -> None:
     """Raise :class:`UserError` now, not after an hour of work, if ``output`` cannot be written.
 
     It must not be a folder, its folder must exist, and a file must be creatable there
-    (tried, then removed: permissions, a read-only disk).
+    (tried, then removed: permissions, a read-only disk). For a symbolic link, "there"
+    is its target's folder: outputs are written through links.
     """
-    target = Path(output)
+    target = write_target(output)
     if target.is_dir():
         raise UserError(f"the output {output!r} is a folder; name a file")
     if not target.parent.is_dir():
         raise UserError(
             f"cannot write {output!r}: the folder {str(target.parent)!r} does not exist"
         )
-    probe = _hidden_sibling(target, ".probe")
+    probe = hidden_sibling(target, ".probe")
     try:
         probe.open("xb").close()
     except OSError as exc:
@@ -41,10 +37,13 @@ def check_writable(output: str) -> None:
 
 @contextlib.contextmanager
 def atomic_file(output: str, binary: bool = False) -> Iterator[IO[Any]]:
-    """Open a hidden file beside ``output`` that replaces ``output`` when the block succeeds.
+    """Open a file that replaces ``output`` when the block succeeds, as model files are written.
 
-    If the block raises, the hidden file is removed and ``output`` is left as it was, so
-    an interrupted run never leaves a truncated file that looks complete.
+    See :func:`msc_detector._atomic.atomic_write`: the data goes to a hidden file beside
+    the file replaced, is fsync'ed and renamed over it; a symbolic link is written
+    through (its target is replaced); a replaced file keeps its permissions. If the
+    block raises, ``output`` is left as it was, so an interrupted run never leaves a
+    truncated file that looks complete. A text file is UTF-8, newlines as written.
 
     Raises
     ------
@@ -52,16 +51,10 @@ def atomic_file(output: str, binary: bool = False) -> Iterator[IO[Any]]:
         If the file cannot be created.
     """
     check_writable(output)
-    temp = _hidden_sibling(Path(output), ".tmp")
-    try:
-        handle = temp.open("xb") if binary else temp.open("x", encoding="utf-8", newline="")
+    stack = contextlib.ExitStack()
+    try:  # only opening is turned into a UserError, not what the block raises
+        handle = stack.enter_context(atomic_write(output, binary))
     except OSError as exc:
         raise UserError(f"cannot write {output!r}: {exc.strerror or exc}") from exc
-    try:
-        with handle:
-            yield handle
-        os.replace(temp, output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
+    with stack:
+        yield handle
