@@ -600,3 +600,38 @@ def test_outputs_are_replaced_through_links_keeping_their_mode(
     dangling.symlink_to(tmp_path / "real" / "new.csv")
     assert main(["score", str(model), images, "-o", str(dangling), "-q"]) == 0
     assert dangling.is_symlink() and len(_read_csv(tmp_path / "real" / "new.csv")) == 6
+
+
+@pytest.mark.timeout(60)  # two loops never ended: os.walk followed them into an ever longer path
+def test_symlink_loops_and_links_list_each_folder_and_image_once(tmp_path: Path) -> None:
+    def names(folder: Path) -> list[str]:
+        return [Path(p).relative_to(folder).as_posix() for p in expand_images([str(folder)])]
+
+    one = tmp_path / "one"
+    (one / "sub").mkdir(parents=True)
+    (one / "1.png").write_bytes(b"")
+    (one / "sub" / "2.png").write_bytes(b"")
+    (one / "sub" / "up").symlink_to("..")
+    assert names(one) == ["1.png", "sub/2.png"]  # was 82 rows, paths of 295 characters
+
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "1.png").write_bytes(b"")
+    (two / "a").symlink_to(".")
+    (two / "b").symlink_to(".")
+    assert names(two) == ["1.png"]
+
+    # One image reachable by several names: listed once, under its own name; links that
+    # lead out of the folder are followed, after the rest.
+    links = tmp_path / "links"
+    (links / "real").mkdir(parents=True)
+    (links / "real" / "x.png").write_bytes(b"")
+    (links / "a_alias.png").symlink_to("real/x.png")
+    (links / "a_dir").symlink_to("real")
+    (links / "b_dir").symlink_to("real")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "y.png").write_bytes(b"")
+    (tmp_path / "outside" / "back").symlink_to(links)
+    (links / "ext").symlink_to(tmp_path / "outside")
+    (links / "z.png").write_bytes(b"")
+    assert names(links) == ["z.png", "real/x.png", "ext/y.png"]

@@ -3,7 +3,9 @@
 An image argument is one of:
 
 * a folder: every image file below it, recursively, in sorted order; hidden files and
-  folders (names starting with ``.``) are skipped;
+  folders (names starting with ``.``) are skipped. Symbolic links are followed, after
+  the rest: each folder is searched once and each image listed once (under its own
+  name where it has one), so links back up and loops add nothing;
 * a glob pattern (``"parts/*.png"``, ``"scans/**/*.tif"``; quote it so the shell leaves
   it alone): the matching image files, and the image files below matching folders;
 * a ``.txt`` file: one path per line (blank lines and lines starting with ``#`` are
@@ -19,6 +21,7 @@ imports torch: errors in the arguments show at once.
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import os
@@ -54,16 +57,65 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """Return what names one file or folder however it is reached (``None`` if unreadable)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def _walk(folder: Path) -> list[str]:
-    """Return the image files below ``folder``, recursively, skipping hidden names."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [
-            os.path.join(root, name)
-            for name in sorted(files)
-            if not name.startswith(".") and _is_image(Path(name))
-        ]
+    """Return the image files below ``folder``, recursively, skipping hidden names.
+
+    Every folder is searched once and every image listed once, however many names lead
+    to it: symbolic links are followed only after all that can be reached without them,
+    and only to folders and files not met yet. So an image is listed under its own name
+    where it has one below ``folder``, a link back up (``sub/up -> ..``) adds nothing, and
+    loops end. Images reached only through links come last, under the first link's name.
+    """
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders and files met
+    links: collections.deque[str] = collections.deque()  # followed once the rest is listed
+
+    def first_time(path: str) -> bool:
+        identity = _identity(path)
+        if identity is None:  # a broken link: listed, so that its row says so
+            return True
+        if identity in seen:
+            return False
+        seen.add(identity)
+        return True
+
+    def without_links(top: str) -> None:
+        for root, dirs, files in os.walk(top):  # followlinks=False: links are queued
+            kept = []
+            for name in sorted(d for d in dirs if not d.startswith(".")):
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    links.append(path)
+                elif first_time(path):
+                    kept.append(name)
+            dirs[:] = kept
+            for name in sorted(files):
+                if name.startswith(".") or not _is_image(Path(name)):
+                    continue
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    links.append(path)
+                elif first_time(path):
+                    found.append(path)
+
+    first_time(str(folder))
+    without_links(str(folder))
+    while links:
+        path = links.popleft()
+        if os.path.isdir(path):
+            if first_time(path):
+                without_links(path)
+        elif first_time(path):
+            found.append(path)
     return found
 
 
