@@ -303,7 +303,14 @@ def test_no_neighbour_columns_with_zero(model: Path, folders: Path, tmp_path: Pa
     out = tmp_path / "s.csv"
     args = ["score", str(model), str(folders / "test" / "bad"), "-o", str(out), "-q"]
     assert main([*args, "--neighbors", "0"]) == 0
-    assert list(_read_csv(out)[0]) == ["path", "score", "decision", "label", "error"]
+    assert list(_read_csv(out)[0]) == [
+        "path",
+        "score",
+        "decision",
+        "label",
+        "error",
+        "path_quoted",
+    ]
 
 
 def test_an_interrupted_score_leaves_no_table(
@@ -635,3 +642,55 @@ def test_symlink_loops_and_links_list_each_folder_and_image_once(tmp_path: Path)
     (links / "ext").symlink_to(tmp_path / "outside")
     (links / "z.png").write_bytes(b"")
     assert names(links) == ["z.png", "real/x.png", "ext/y.png"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are not bytes")
+def test_names_that_are_not_utf8_are_shown_with_a_replacement_and_round_trip(
+    folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from urllib.parse import unquote_to_bytes
+
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name, as on many Linux disks
+    good = sorted((folders / "test" / "good").iterdir())
+    shutil.copy(good[0], latin / name)
+    shutil.copy(good[1], latin / "plain.png")
+    (latin / os.fsdecode(b"bad\xff.png")).write_text("not an image")  # a row with an error
+    # a model whose nearest training images have such a name too
+    train = [str(latin / name), *map(str, good[2:6])]
+    model = tmp_path / "model.msc"
+    MSCDetector(weights=None, image_size=32, epochs=0, batch_size=4).fit(train).save(model)
+
+    real = {os.fsencode(latin / n) for n in os.listdir(latin)}
+    shown = {str(latin / "caf\ufffd.png"), str(latin / "bad\ufffd.png"), str(latin / "plain.png")}
+
+    def check(rows: list[dict]) -> None:
+        assert len(rows) == 3  # every row written
+        assert {row["path"] for row in rows} == shown
+        assert {unquote_to_bytes(row["path_quoted"]) for row in rows} == real  # round trip
+        cafe = next(row for row in rows if "caf" in row["path"])
+        assert not cafe["error"] and cafe["score"] not in ("", None)  # scored
+        assert cafe["neighbor_1"] == str(latin / "caf\ufffd.png")  # itself, nearest
+        bad = next(row for row in rows if "bad" in row["path"])
+        assert bad["error"].startswith("cannot read the image")
+
+    args = ["score", str(model), str(latin), "-q"]
+    assert main([*args, "-o", str(tmp_path / "s.csv")]) == 0
+    check(_read_csv(tmp_path / "s.csv"))
+    assert main([*args, "-o", str(tmp_path / "s.jsonl")]) == 0
+    lines = (tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()
+    check([json.loads(line) for line in lines])
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow.parquet as pq
+
+        assert main([*args, "-o", str(tmp_path / "s.parquet")]) == 0
+        check(pq.read_table(tmp_path / "s.parquet").to_pylist())
+    capsys.readouterr()
+    assert main(args) == 0  # CSV on standard output
+    check(list(csv.DictReader(capsys.readouterr().out.splitlines())))
+
+    page = tmp_path / "report.html"
+    assert main(["report", str(model), str(latin), "-o", str(page), "-q"]) == 0
+    html = page.read_text(encoding="utf-8")
+    assert "caf\ufffd.png" in html and "bad\ufffd.png" in html

@@ -17,7 +17,7 @@ from typing import Any
 
 from msc_detector.cli.errors import UserError
 from msc_detector.cli.inputs import expand_images, folder_labels, path_key, read_labels
-from msc_detector.cli.outputs import check_writable
+from msc_detector.cli.outputs import check_writable, printable, quote_path
 
 __all__ = ["fit", "inspect", "report", "score"]
 
@@ -25,7 +25,7 @@ __all__ = ["fit", "inspect", "report", "score"]
 def _status(args: argparse.Namespace, message: str, *, to_stderr: bool = False) -> None:
     """Print a status line unless ``-q``: to stdout, or stderr where stdout carries data."""
     if not args.quiet:
-        print(message, file=sys.stderr if to_stderr else sys.stdout, flush=True)
+        print(printable(message), file=sys.stderr if to_stderr else sys.stdout, flush=True)
 
 
 def _model_file(model: str) -> str:
@@ -102,7 +102,7 @@ def _score_columns(k: int) -> list[str]:
     columns = ["path", "score", "decision", "label"]
     for j in range(1, k + 1):
         columns += [f"neighbor_{j}", f"neighbor_{j}_distance"]
-    return [*columns, "error"]
+    return [*columns, "error", "path_quoted"]
 
 
 def _rows(chunk: Any, detector: Any, k: int) -> list[dict[str, Any]]:
@@ -111,7 +111,8 @@ def _rows(chunk: Any, detector: Any, k: int) -> list[dict[str, Any]]:
     rows = []
     for i, path in enumerate(chunk.paths):
         row: dict[str, Any] = dict.fromkeys(_score_columns(k))
-        row["path"] = path
+        row["path"] = path  # the writer shows a byte that is not UTF-8 as U+FFFD
+        row["path_quoted"] = quote_path(path)  # and this leads back to the file
         error = chunk.errors[i]
         if error is not None:
             row["error"] = error

@@ -1,15 +1,45 @@
-"""Output files: checked before the work starts, and written whole or not at all."""
+r"""Output files: checked before the work starts, and written whole or not at all.
+
+And the text that goes in them. A file name is bytes on Linux; one that is not valid
+UTF-8 (a Latin-1 ``café.png`` is ``b"caf\xe9.png"``) reaches Python with each stray
+byte as a lone surrogate (``"caf\udce9.png"``), which no UTF-8 file can hold.
+:func:`printable` shows each such byte as U+FFFD, the replacement character;
+:func:`quote_path` keeps a form that leads back to the file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from collections.abc import Iterator
 from typing import IO, Any
+from urllib.parse import quote_from_bytes
 
 from msc_detector._atomic import atomic_write, hidden_sibling, write_target
 from msc_detector.cli.errors import UserError
 
-__all__ = ["atomic_file", "check_writable"]
+__all__ = ["atomic_file", "check_writable", "printable", "quote_path"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """Return ``text`` with each lone surrogate (a byte of a name that is not UTF-8) as U+FFFD.
+
+    Text without one comes back unchanged.
+    """
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def quote_path(path: str) -> str:
+    """Return the bytes of the file name ``path``, percent-encoded as in a URL.
+
+    ``os.fsdecode(urllib.parse.unquote_to_bytes(quoted))`` gives back a name that opens
+    the file, whatever its bytes. Letters, digits, ``/`` and ``_.-~`` stay as they are;
+    every other byte is ``%XX`` (UTF-8 ``é`` is ``%C3%A9``, Latin-1 ``é`` is ``%E9``).
+    """
+    return quote_from_bytes(os.fsencode(path), safe="/")
 
 
 def check_writable(output: str) -> None:
