@@ -15,8 +15,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -694,3 +696,67 @@ def test_names_that_are_not_utf8_are_shown_with_a_replacement_and_round_trip(
     assert main(["report", str(model), str(latin), "-o", str(page), "-q"]) == 0
     html = page.read_text(encoding="utf-8")
     assert "caf\ufffd.png" in html and "bad\ufffd.png" in html
+
+
+# Ctrl-C while DataLoader forks a worker: the signal goes to the whole process group (as a
+# terminal sends it), and Python raises KeyboardInterrupt in an at-fork hook, which
+# cannot raise: Python printed it as "Exception ignored in ..." and scoring went on.
+_CTRL_C_AT_FORK = """
+import os, signal, sys
+from msc_detector.cli import main, scoring
+
+armed = []
+
+
+def hook():
+    if armed:
+        armed.clear()
+        os.killpg(0, signal.SIGINT)
+
+
+os.register_at_fork(after_in_parent=hook)
+score_files = scoring.score_files
+
+
+def chunks(*args, **kwargs):
+    for chunk in score_files(*args, **{**kwargs, "chunk_size": 8}):  # 2 batches: workers
+        yield chunk
+        armed.append(True)  # the next fork is the first worker of the next chunk
+
+
+scoring.score_files = chunks
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_score_with_130_one_line_and_no_output(
+    model: Path, folders: Path, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    for copy in "ab":  # 24 images: 3 chunks of 8 in 2 batches of 4
+        shutil.copytree(folders / "test", images / copy)
+    out = tmp_path / "out" / "scores.csv"
+    out.parent.mkdir()
+    args = ["score", str(model), str(images), "-o", str(out), "-q"]
+    args += ["--batch-size", "4", "--num-workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def interrupted(run: subprocess.Popen[str]) -> None:
+        _, stderr = run.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert (run.returncode, stderr) == (130, "msc-detector: interrupted\n")
+        assert [p.name for p in out.parent.iterdir()] == ["scores.csv"]  # no partial file
+        assert out.read_text() == "old"  # left as it was
+
+    out.write_text("old")
+    command = [sys.executable, "-c", _CTRL_C_AT_FORK, *args]
+    popen = {"stderr": subprocess.PIPE, "text": True, "env": env, "start_new_session": True}
+    interrupted(subprocess.Popen(command, **popen))
+
+    # and an ordinary Ctrl-C, mid-run: once the hidden output file is open
+    run = subprocess.Popen([sys.executable, "-m", "msc_detector", *args], **popen)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not list(out.parent.glob(".*.tmp")) and run.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGINT)
+    interrupted(run)

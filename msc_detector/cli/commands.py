@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from msc_detector.cli import interrupts
 from msc_detector.cli.errors import UserError
 from msc_detector.cli.inputs import expand_images, folder_labels, path_key, read_labels
 from msc_detector.cli.outputs import check_writable, printable, quote_path
@@ -86,6 +87,7 @@ def fit(args: argparse.Namespace) -> int:
     # from whatever folder the report is made in.
     detector.fit([os.path.abspath(file) for file in files])
     seconds = time.perf_counter() - start
+    interrupts.check()  # before the model replaces a file
     detector.save(args.output)
     _status(
         args,
@@ -150,6 +152,7 @@ def score(args: argparse.Namespace) -> int:
     flagged = unreadable = 0
     with TableWriter(args.output, fmt, _score_columns(k), types) as table:
         for chunk in score_files(detector, files, k, progress=not args.quiet):
+            interrupts.check()
             rows = _rows(chunk, detector, k)
             table.write(rows)
             flagged += sum(row["label"] == "anomaly" for row in rows)
@@ -217,6 +220,7 @@ def report(args: argparse.Namespace) -> int:
     errors: dict[int, str] = {}
     start = 0
     for chunk in score_files(detector, files, k, progress=not args.quiet):
+        interrupts.check()
         stop = start + len(chunk.paths)
         scores[start:stop] = chunk.scores
         neighbors[start:stop] = chunk.neighbors

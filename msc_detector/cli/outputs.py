@@ -17,6 +17,7 @@ from typing import IO, Any
 from urllib.parse import quote_from_bytes
 
 from msc_detector._atomic import atomic_write, hidden_sibling, write_target
+from msc_detector.cli import interrupts
 from msc_detector.cli.errors import UserError
 
 __all__ = ["atomic_file", "check_writable", "printable", "quote_path"]
@@ -72,8 +73,9 @@ def atomic_file(output: str, binary: bool = False) -> Iterator[IO[Any]]:
     See :func:`msc_detector._atomic.atomic_write`: the data goes to a hidden file beside
     the file replaced, is fsync'ed and renamed over it; a symbolic link is written
     through (its target is replaced); a replaced file keeps its permissions. If the
-    block raises, ``output`` is left as it was, so an interrupted run never leaves a
-    truncated file that looks complete. A text file is UTF-8, newlines as written.
+    block raises, or Ctrl-C was pressed (:func:`msc_detector.cli.interrupts.check`),
+    ``output`` is left as it was, so an interrupted run never leaves a truncated file
+    that looks complete. A text file is UTF-8, newlines as written.
 
     Raises
     ------
@@ -88,3 +90,4 @@ def atomic_file(output: str, binary: bool = False) -> Iterator[IO[Any]]:
         raise UserError(f"cannot write {output!r}: {exc.strerror or exc}") from exc
     with stack:
         yield handle
+        interrupts.check()  # after Ctrl-C, even one Python could not raise: no output
