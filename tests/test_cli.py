@@ -15,8 +15,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -304,7 +306,14 @@ def test_no_neighbour_columns_with_zero(model: Path, folders: Path, tmp_path: Pa
     out = tmp_path / "s.csv"
     args = ["score", str(model), str(folders / "test" / "bad"), "-o", str(out), "-q"]
     assert main([*args, "--neighbors", "0"]) == 0
-    assert list(_read_csv(out)[0]) == ["path", "score", "decision", "label", "error"]
+    assert list(_read_csv(out)[0]) == [
+        "path",
+        "score",
+        "decision",
+        "label",
+        "error",
+        "path_quoted",
+    ]
 
 
 def test_an_interrupted_score_leaves_no_table(
@@ -531,3 +540,225 @@ def test_inspect_prints_json_without_importing_torch(model: Path) -> None:
     assert json.loads(result.stdout) == json.loads(json.dumps(msc_detector.inspect(model)))
     via_module = _run(sys.executable, "-m", "msc_detector", "inspect", str(model))
     assert json.loads(via_module.stdout)["fitted"]["n_train_"] == 20
+
+
+# ------------------------------------------------------- hardening, round 2
+
+
+def test_a_labels_file_that_gives_an_image_both_labels_is_refused(
+    tmp_path: Path, model: Path, folders: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.csv"
+    # the same file, spelt twice, labelled both ways on lines 2 and 5 (4 is blank)
+    labels.write_text("path,label\na.png,good\nb.png,bad\n\n./sub/../a.png,bad\n")
+    with pytest.raises(UserError) as caught:
+        read_labels(str(labels))
+    message = str(caught.value)
+    assert str(labels) in message
+    assert "a.png" in message
+    assert "lines 2 and 5" in message
+    assert "both normal and an anomaly" in message
+    # as --good/--bad overlap is: exit 1, one line, nothing written
+    good = [f"{p},good" for p in sorted((folders / "test" / "good").iterdir())]
+    labels.write_text("path,label\n" + "\n".join([*good, f"{good[0][:-5]},bad"]) + "\n")
+    page = tmp_path / "report.html"
+    assert main(["report", str(model), "--labels", str(labels), "-o", str(page)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{labels}: " in line and "lines 2 and 8" in line
+    assert not page.exists()
+
+
+def test_a_labels_file_may_repeat_an_image_with_the_same_label(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na.png,good\nb.png,bad\na.png,normal\nb.png,1\n")
+    paths, known = read_labels(str(labels))
+    assert paths == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]  # each once
+    assert [known[os.path.abspath(p)] for p in paths] == [False, True]
+
+
+def test_outputs_are_replaced_through_links_keeping_their_mode(
+    model: Path, folders: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    (tmp_path / "real").mkdir()
+    images = str(folders / "test" / "bad")
+    for name in ("scores.csv", "report.html"):
+        target = tmp_path / "real" / name
+        target.write_text("old")
+        target.chmod(0o640)
+        link = tmp_path / f"link-{name}"
+        link.symlink_to(target)
+        command = "score" if name.endswith(".csv") else "report"
+        synced.clear()
+        assert main([command, str(model), images, "-o", str(link), "-q"]) == 0
+        assert link.is_symlink() and link.resolve() == target  # the link stays a link
+        assert target.read_text(encoding="utf-8") != "old"  # and its target is new
+        assert target.stat().st_mode & 0o777 == 0o640
+        assert len(synced) >= 2  # the file, then its folder
+        assert sorted(p.name for p in (tmp_path / "real").iterdir()) == sorted(
+            [n for n in ("scores.csv", "report.html") if (tmp_path / "real" / n).exists()]
+        )  # no hidden file left beside the target
+    plain = tmp_path / "plain.csv"  # no link: the mode is kept all the same
+    plain.write_text("old")
+    plain.chmod(0o600)
+    assert main(["score", str(model), images, "-o", str(plain), "-q"]) == 0
+    assert plain.stat().st_mode & 0o777 == 0o600 and len(_read_csv(plain)) == 6
+    # a dangling link: its target is created, as open() would
+    dangling = tmp_path / "dangling.csv"
+    dangling.symlink_to(tmp_path / "real" / "new.csv")
+    assert main(["score", str(model), images, "-o", str(dangling), "-q"]) == 0
+    assert dangling.is_symlink() and len(_read_csv(tmp_path / "real" / "new.csv")) == 6
+
+
+@pytest.mark.timeout(60)  # two loops never ended: os.walk followed them into an ever longer path
+def test_symlink_loops_and_links_list_each_folder_and_image_once(tmp_path: Path) -> None:
+    def names(folder: Path) -> list[str]:
+        return [Path(p).relative_to(folder).as_posix() for p in expand_images([str(folder)])]
+
+    one = tmp_path / "one"
+    (one / "sub").mkdir(parents=True)
+    (one / "1.png").write_bytes(b"")
+    (one / "sub" / "2.png").write_bytes(b"")
+    (one / "sub" / "up").symlink_to("..")
+    assert names(one) == ["1.png", "sub/2.png"]  # was 82 rows, paths of 295 characters
+
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "1.png").write_bytes(b"")
+    (two / "a").symlink_to(".")
+    (two / "b").symlink_to(".")
+    assert names(two) == ["1.png"]
+
+    # One image reachable by several names: listed once, under its own name; links that
+    # lead out of the folder are followed, after the rest.
+    links = tmp_path / "links"
+    (links / "real").mkdir(parents=True)
+    (links / "real" / "x.png").write_bytes(b"")
+    (links / "a_alias.png").symlink_to("real/x.png")
+    (links / "a_dir").symlink_to("real")
+    (links / "b_dir").symlink_to("real")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "y.png").write_bytes(b"")
+    (tmp_path / "outside" / "back").symlink_to(links)
+    (links / "ext").symlink_to(tmp_path / "outside")
+    (links / "z.png").write_bytes(b"")
+    assert names(links) == ["z.png", "real/x.png", "ext/y.png"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are not bytes")
+def test_names_that_are_not_utf8_are_shown_with_a_replacement_and_round_trip(
+    folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from urllib.parse import unquote_to_bytes
+
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name, as on many Linux disks
+    good = sorted((folders / "test" / "good").iterdir())
+    shutil.copy(good[0], latin / name)
+    shutil.copy(good[1], latin / "plain.png")
+    (latin / os.fsdecode(b"bad\xff.png")).write_text("not an image")  # a row with an error
+    # a model whose nearest training images have such a name too
+    train = [str(latin / name), *map(str, good[2:6])]
+    model = tmp_path / "model.msc"
+    MSCDetector(weights=None, image_size=32, epochs=0, batch_size=4).fit(train).save(model)
+
+    real = {os.fsencode(latin / n) for n in os.listdir(latin)}
+    shown = {str(latin / "caf\ufffd.png"), str(latin / "bad\ufffd.png"), str(latin / "plain.png")}
+
+    def check(rows: list[dict]) -> None:
+        assert len(rows) == 3  # every row written
+        assert {row["path"] for row in rows} == shown
+        assert {unquote_to_bytes(row["path_quoted"]) for row in rows} == real  # round trip
+        cafe = next(row for row in rows if "caf" in row["path"])
+        assert not cafe["error"] and cafe["score"] not in ("", None)  # scored
+        assert cafe["neighbor_1"] == str(latin / "caf\ufffd.png")  # itself, nearest
+        bad = next(row for row in rows if "bad" in row["path"])
+        assert bad["error"].startswith("cannot read the image")
+
+    args = ["score", str(model), str(latin), "-q"]
+    assert main([*args, "-o", str(tmp_path / "s.csv")]) == 0
+    check(_read_csv(tmp_path / "s.csv"))
+    assert main([*args, "-o", str(tmp_path / "s.jsonl")]) == 0
+    lines = (tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()
+    check([json.loads(line) for line in lines])
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow.parquet as pq
+
+        assert main([*args, "-o", str(tmp_path / "s.parquet")]) == 0
+        check(pq.read_table(tmp_path / "s.parquet").to_pylist())
+    capsys.readouterr()
+    assert main(args) == 0  # CSV on standard output
+    check(list(csv.DictReader(capsys.readouterr().out.splitlines())))
+
+    page = tmp_path / "report.html"
+    assert main(["report", str(model), str(latin), "-o", str(page), "-q"]) == 0
+    html = page.read_text(encoding="utf-8")
+    assert "caf\ufffd.png" in html and "bad\ufffd.png" in html
+
+
+# Ctrl-C while DataLoader forks a worker: the signal goes to the whole process group (as a
+# terminal sends it), and Python raises KeyboardInterrupt in an at-fork hook, which
+# cannot raise: Python printed it as "Exception ignored in ..." and scoring went on.
+_CTRL_C_AT_FORK = """
+import os, signal, sys
+from msc_detector import files as scoring
+from msc_detector.cli import main
+
+armed = []
+
+
+def hook():
+    if armed:
+        armed.clear()
+        os.killpg(0, signal.SIGINT)
+
+
+os.register_at_fork(after_in_parent=hook)
+score_files = scoring.score_files
+
+
+def chunks(*args, **kwargs):
+    for chunk in score_files(*args, **{**kwargs, "chunk_size": 8}):  # 2 batches: workers
+        yield chunk
+        armed.append(True)  # the next fork is the first worker of the next chunk
+
+
+scoring.score_files = chunks
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_score_with_130_one_line_and_no_output(
+    model: Path, folders: Path, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    for copy in "ab":  # 24 images: 3 chunks of 8 in 2 batches of 4
+        shutil.copytree(folders / "test", images / copy)
+    out = tmp_path / "out" / "scores.csv"
+    out.parent.mkdir()
+    args = ["score", str(model), str(images), "-o", str(out), "-q"]
+    args += ["--batch-size", "4", "--num-workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def interrupted(run: subprocess.Popen[str]) -> None:
+        _, stderr = run.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert (run.returncode, stderr) == (130, "msc-detector: interrupted\n")
+        assert [p.name for p in out.parent.iterdir()] == ["scores.csv"]  # no partial file
+        assert out.read_text() == "old"  # left as it was
+
+    out.write_text("old")
+    command = [sys.executable, "-c", _CTRL_C_AT_FORK, *args]
+    popen = {"stderr": subprocess.PIPE, "text": True, "env": env, "start_new_session": True}
+    interrupted(subprocess.Popen(command, **popen))
+
+    # and an ordinary Ctrl-C, mid-run: once the hidden output file is open
+    run = subprocess.Popen([sys.executable, "-m", "msc_detector", *args], **popen)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not list(out.parent.glob(".*.tmp")) and run.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGINT)
+    interrupted(run)

@@ -10,6 +10,7 @@ file. Modules, one job each:
 * :mod:`msc_detector.files` (the library's): chunked scoring with per-file errors;
 * :mod:`~msc_detector.cli.tables`: CSV, JSON Lines and Parquet writers;
 * :mod:`~msc_detector.cli.outputs`: output files checked up front and written whole;
+* :mod:`~msc_detector.cli.interrupts`: Ctrl-C that stops a command wherever it lands;
 * :mod:`~msc_detector.cli.report`, :mod:`~msc_detector.cli.evaluation`,
   :mod:`~msc_detector.cli.svg`, :mod:`~msc_detector.cli.thumbnails`: the HTML report.
 

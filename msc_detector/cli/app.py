@@ -13,6 +13,8 @@ Conventions, shared by every command:
 * Exit status 0 on success, 1 on an error in the input (a missing folder, a damaged
   model file, an unwritable output...), 2 on a wrong option, 130 when interrupted. An
   error prints one line to stderr, ``msc-detector: error: ...``, without a traceback.
+* Ctrl-C stops a command with status 130 and the one line ``msc-detector: interrupted``,
+  having written no output (see :mod:`~msc_detector.cli.interrupts`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn, TextIO
 
 from msc_detector._version import __version__
-from msc_detector.cli import commands
+from msc_detector.cli import commands, interrupts
 from msc_detector.cli.errors import UserError
 from msc_detector.persistence import ModelFileError
 
@@ -274,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="score images and write one row per image",
         description="Score images with a fitted model. Writes one row per image: path, score "
         "(higher is more normal), decision (score minus the threshold), label (normal or "
-        "anomaly), the nearest normal training images and their distances, and error (why a "
-        "file could not be read; other files are still scored).",
+        "anomaly), the nearest normal training images and their distances, error (why a "
+        "file could not be read; other files are still scored), and path_quoted (the path's "
+        "bytes percent-encoded: it leads back to a file whose name is not UTF-8, which path "
+        "shows with U+FFFD).",
     )
     score.add_argument("model", metavar="MODEL", help="model file written by 'fit'")
     score.add_argument(
@@ -405,9 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose: int = getattr(args, "verbose", 0)
     args.quiet = getattr(args, "quiet", False)
     run: Callable[[argparse.Namespace], int] = args.run
-    with _console(verbose):
+    with _console(verbose), interrupts.handle_ctrl_c():
         try:
-            return run(args)
+            status = run(args)
+            interrupts.check()  # a Ctrl-C that Python could not raise where it landed
+            return status
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130

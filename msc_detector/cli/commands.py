@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from msc_detector.cli import interrupts
 from msc_detector.cli.errors import UserError
 from msc_detector.cli.inputs import expand_images, folder_labels, path_key, read_labels
-from msc_detector.cli.outputs import check_writable
+from msc_detector.cli.outputs import check_writable, printable, quote_path
 
 __all__ = ["fit", "inspect", "report", "score"]
 
@@ -25,7 +26,7 @@ __all__ = ["fit", "inspect", "report", "score"]
 def _status(args: argparse.Namespace, message: str, *, to_stderr: bool = False) -> None:
     """Print a status line unless ``-q``: to stdout, or stderr where stdout carries data."""
     if not args.quiet:
-        print(message, file=sys.stderr if to_stderr else sys.stdout, flush=True)
+        print(printable(message), file=sys.stderr if to_stderr else sys.stdout, flush=True)
 
 
 def _model_file(model: str) -> str:
@@ -86,6 +87,7 @@ def fit(args: argparse.Namespace) -> int:
     # from whatever folder the report is made in.
     detector.fit([os.path.abspath(file) for file in files])
     seconds = time.perf_counter() - start
+    interrupts.check()  # before the model replaces a file
     detector.save(args.output)
     _status(
         args,
@@ -102,7 +104,7 @@ def _score_columns(k: int) -> list[str]:
     columns = ["path", "score", "decision", "label"]
     for j in range(1, k + 1):
         columns += [f"neighbor_{j}", f"neighbor_{j}_distance"]
-    return [*columns, "error"]
+    return [*columns, "error", "path_quoted"]
 
 
 def _rows(chunk: Any, detector: Any, k: int) -> list[dict[str, Any]]:
@@ -111,7 +113,8 @@ def _rows(chunk: Any, detector: Any, k: int) -> list[dict[str, Any]]:
     rows = []
     for i, path in enumerate(chunk.paths):
         row: dict[str, Any] = dict.fromkeys(_score_columns(k))
-        row["path"] = path
+        row["path"] = path  # the writer shows a byte that is not UTF-8 as U+FFFD
+        row["path_quoted"] = quote_path(path)  # and this leads back to the file
         error = chunk.errors[i]
         if error is not None:
             row["error"] = error
@@ -149,6 +152,7 @@ def score(args: argparse.Namespace) -> int:
     flagged = unreadable = 0
     with TableWriter(args.output, fmt, _score_columns(k), types) as table:
         for chunk in score_files(detector, files, k, progress=not args.quiet):
+            interrupts.check()
             rows = _rows(chunk, detector, k)
             table.write(rows)
             flagged += sum(row["label"] == "anomaly" for row in rows)
@@ -218,6 +222,7 @@ def report(args: argparse.Namespace) -> int:
     with_maps = detector.patch_bank_ is not None and args.top > 0
     start = 0
     for chunk in score_files(detector, files, k, progress=not args.quiet, maps=with_maps):
+        interrupts.check()
         stop = start + len(chunk.paths)
         scores[start:stop] = chunk.scores
         neighbors[start:stop] = chunk.neighbors

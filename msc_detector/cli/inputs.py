@@ -3,7 +3,9 @@
 An image argument is one of:
 
 * a folder: every image file below it, recursively, in sorted order; hidden files and
-  folders (names starting with ``.``) are skipped;
+  folders (names starting with ``.``) are skipped. Symbolic links are followed, after
+  the rest: each folder is searched once and each image listed once (under its own
+  name where it has one), so links back up and loops add nothing;
 * a glob pattern (``"parts/*.png"``, ``"scans/**/*.tif"``; quote it so the shell leaves
   it alone): the matching image files, and the image files below matching folders;
 * a ``.txt`` file: one path per line (blank lines and lines starting with ``#`` are
@@ -19,6 +21,7 @@ imports torch: errors in the arguments show at once.
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import os
@@ -54,16 +57,65 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """Return what names one file or folder however it is reached (``None`` if unreadable)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def _walk(folder: Path) -> list[str]:
-    """Return the image files below ``folder``, recursively, skipping hidden names."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [
-            os.path.join(root, name)
-            for name in sorted(files)
-            if not name.startswith(".") and _is_image(Path(name))
-        ]
+    """Return the image files below ``folder``, recursively, skipping hidden names.
+
+    Every folder is searched once and every image listed once, however many names lead
+    to it: symbolic links are followed only after all that can be reached without them,
+    and only to folders and files not met yet. So an image is listed under its own name
+    where it has one below ``folder``, a link back up (``sub/up -> ..``) adds nothing, and
+    loops end. Images reached only through links come last, under the first link's name.
+    """
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders and files met
+    links: collections.deque[str] = collections.deque()  # followed once the rest is listed
+
+    def first_time(path: str) -> bool:
+        identity = _identity(path)
+        if identity is None:  # a broken link: listed, so that its row says so
+            return True
+        if identity in seen:
+            return False
+        seen.add(identity)
+        return True
+
+    def without_links(top: str) -> None:
+        for root, dirs, files in os.walk(top):  # followlinks=False: links are queued
+            kept = []
+            for name in sorted(d for d in dirs if not d.startswith(".")):
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    links.append(path)
+                elif first_time(path):
+                    kept.append(name)
+            dirs[:] = kept
+            for name in sorted(files):
+                if name.startswith(".") or not _is_image(Path(name)):
+                    continue
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    links.append(path)
+                elif first_time(path):
+                    found.append(path)
+
+    first_time(str(folder))
+    without_links(str(folder))
+    while links:
+        path = links.popleft()
+        if os.path.isdir(path):
+            if first_time(path):
+                without_links(path)
+        elif first_time(path):
+            found.append(path)
     return found
 
 
@@ -83,8 +135,14 @@ def _read_list(list_file: Path) -> list[str]:
 
 
 def _csv_rows(list_file: Path, text: str) -> list[list[str]]:
+    return [row for _, row in _numbered_csv_rows(list_file, text)]
+
+
+def _numbered_csv_rows(list_file: Path, text: str) -> list[tuple[int, list[str]]]:
+    """Return the rows that are not blank, each with the line number it ends on."""
+    reader = csv.reader(text.splitlines())
     try:
-        return [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
+        return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as exc:
         raise UserError(f"{str(list_file)!r} is not a valid CSV file: {exc}") from exc
 
@@ -202,7 +260,10 @@ def read_labels(labels_file: str) -> tuple[list[str], Labels]:
     Raises
     ------
     UserError
-        For a missing or malformed file, missing columns or an unknown label.
+        For a missing or malformed file, missing columns, an unknown label, or an image
+        labelled both normal and an anomaly (the message names the lines). An image
+        listed twice with the same label is kept once: merged lists repeat entries, and
+        the label is not in doubt.
     """
     where = Path(labels_file)
     if not where.is_file():
@@ -211,8 +272,8 @@ def read_labels(labels_file: str) -> tuple[list[str], Labels]:
         text = where.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read the labels file {labels_file!r}: {exc}") from exc
-    rows = _csv_rows(where, text)
-    header = rows[0] if rows else []
+    rows = _numbered_csv_rows(where, text)
+    header = rows[0][1] if rows else []
     path_col, label_col = _column(header, _PATH_COLUMNS), _column(header, _LABEL_COLUMNS)
     if path_col is None or label_col is None:
         raise UserError(
@@ -221,15 +282,28 @@ def read_labels(labels_file: str) -> tuple[list[str], Labels]:
         )
     paths: list[str] = []
     labels: Labels = {}
-    for number, row in enumerate(rows[1:], start=2):
+    first_line: dict[str, int] = {}
+    # by key: the entry, the line of its first label, the first line that contradicts it
+    both: dict[str, tuple[str, int, int]] = {}
+    for number, row in rows[1:]:
         if len(row) <= max(path_col, label_col):
             raise UserError(f"{labels_file}:{number}: expected a path and a label, got {row!r}")
         entry = row[path_col].strip()
         path = entry if os.path.isabs(entry) else str(where.parent / entry)
         key = path_key(path)
+        label = _parse_label(row[label_col], f"{labels_file}:{number}")
         if key not in labels:
             paths.append(path)
-        labels[key] = _parse_label(row[label_col], f"{labels_file}:{number}")
+            labels[key], first_line[key] = label, number
+        elif labels[key] != label and key not in both:
+            both[key] = (entry, first_line[key], number)
+    if both:
+        entry, first, second = next(iter(both.values()))
+        more = f"; {len(both) - 1:,} more images have both labels" if len(both) > 1 else ""
+        raise UserError(
+            f"{labels_file}: {entry!r} is labelled both normal and an anomaly (lines {first} "
+            f"and {second}){more}; give each image one label"
+        )
     if not paths:
         raise UserError(f"the labels file {labels_file!r} lists no images")
     return paths, labels

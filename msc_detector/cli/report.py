@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from msc_detector.cli import evaluation, svg
-from msc_detector.cli.outputs import atomic_file
+from msc_detector.cli.outputs import atomic_file, printable
 from msc_detector.cli.thumbnails import HEAT_COLORS, Thumbnail, make_overlay, make_thumbnail
 
 __all__ = ["MapPeak", "ReportData", "TopMaps", "render_report", "write_report"]
@@ -791,4 +791,4 @@ def write_report(document: str, output: str) -> None:
         When the folder does not exist or cannot be written.
     """
     with atomic_file(output) as handle:
-        handle.write(document)
+        handle.write(printable(document))  # names that are not UTF-8: U+FFFD

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from msc_detector.cli.errors import UserError
-from msc_detector.cli.outputs import atomic_file
+from msc_detector.cli.outputs import atomic_file, printable
 
 __all__ = ["FORMATS", "TableWriter", "table_format"]
 
@@ -56,11 +56,17 @@ def table_format(output: str, requested: str | None = None) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """Return ``value`` as a JSON-ready Python scalar (NaN as ``None``)."""
+    """Return ``value`` as a JSON-ready Python scalar (NaN as ``None``).
+
+    Text is made :func:`~msc_detector.cli.outputs.printable`: a file name that is not
+    UTF-8, in any column, shows U+FFFD where it cannot be encoded.
+    """
     if hasattr(value, "item"):  # numpy scalars
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return printable(value)
     return value
 
 

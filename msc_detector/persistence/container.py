@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from msc_detector._atomic import atomic_write
 from msc_detector.persistence.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -154,26 +155,6 @@ def archive_bytes(members: Mapping[str, bytes]) -> bytes:
 
 
 def write_atomically(path: Path, members: Mapping[str, bytes]) -> None:
-    """Write the archive beside ``path``, fsync it, rename it over ``path``, fsync the dir."""
-    path = Path(os.path.realpath(path)) if path.is_symlink() else path  # write through links
-    temp = path.parent / f".{path.name[:200]}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:  # 0o666: the umask applies, as with open()
-        with os.fdopen(fd, "wb") as handle:
-            _write_archive(handle, members)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.is_file():  # keep the permissions of the file being replaced
-            os.chmod(temp, path.stat().st_mode & 0o7777)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    if os.name == "posix":  # make the rename durable
-        with contextlib.suppress(OSError):
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+    """Write the archive to ``path`` whole or not at all (see :mod:`msc_detector._atomic`)."""
+    with atomic_write(path) as handle:
+        _write_archive(handle, members)
