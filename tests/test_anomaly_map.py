@@ -318,13 +318,23 @@ def test_a_format_2_file_loads_without_a_patch_bank(fitted, tmp_path) -> None:
     assert persistence.inspect(tmp_path / "old.msc")["format_version"] == 2
 
 
-def test_a_model_file_with_more_patches_than_patch_memory_is_refused(fitted, tmp_path) -> None:
+def test_a_model_file_with_more_patches_than_its_training_images_hold_is_refused(
+    fitted, tmp_path
+) -> None:
     det, _ = fitted
-    det.save(tmp_path / "m.msc")
     members = persistence.encode(det)
     metadata = json.loads(members["metadata.json"])
-    metadata["params"]["patch_memory"] = 5
+    metadata["params"]["patch_memory"] = 5  # read by the next fit only: still loads
     members["metadata.json"] = json.dumps(metadata).encode()
+    assert len(persistence.decode(members, "test").arrays["patch_vectors"]) == 20
+    metadata["fitted"]["n_train_"] = 12
+    from safetensors.numpy import load, save
+
+    arrays = load(members["arrays.safetensors"])
+    arrays["patch_grid"] = np.array([1, 1], np.int64)  # 12 images of 1 patch: not 20
+    arrays["patch_positions"] = np.zeros_like(arrays["patch_positions"])
+    arrays["patch_baseline"] = np.zeros((1, 1), np.float32)
+    members["arrays.safetensors"] = save(arrays)
     with pytest.raises(persistence.ModelFileError, match="holds 20 patches"):
         persistence.decode(members, "test")
 
