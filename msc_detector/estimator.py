@@ -25,24 +25,22 @@ from msc_detector.data import ImageSource, PathSource, as_image_source
 from msc_detector.fitting import FitSettings, fit_model
 from msc_detector.index import IndexSpec
 from msc_detector.losses import LOSSES
-from msc_detector.model import Evidence, Explanation, FittedModel
+from msc_detector.model import Evidence, Explanation, FittedModel, FittedViews
 from msc_detector.runtime import PRECISIONS
 from msc_detector.verdict import IMAGE_SCORES
 
 __all__ = ["MSCDetector"]
 
 
-class MSCDetector(OutlierMixin, BaseEstimator):
+class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
     """Mean-Shifted Contrastive anomaly detector for images.
 
     ``fit`` fine-tunes an ImageNet-pretrained backbone on normal images with the
-    mean-shifted contrastive loss (Reiss & Hoshen, AAAI 2023) and indexes the
-    normalised embeddings of the training images in a Faiss index, and their patch
-    embeddings in a bank of normal patches. An image's score joins how far its
-    embedding is from its nearest training embeddings with how far its most unusual
-    patch is from the bank (``image_score``); each image is decoded and run through
-    the network once. The user guide says what each default costs and what it was
-    measured to give.
+    mean-shifted contrastive loss (Reiss & Hoshen, AAAI 2023), indexes the training
+    embeddings in Faiss and keeps a bank of their normal patches. An image's score joins
+    its distance to the nearest training embeddings with its most unusual patch's
+    distance to the bank, from one pass through the network. The user guide gives each
+    default's measured cost and effect.
 
     Parameters
     ----------
@@ -65,11 +63,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     epochs : int, default=1
         Passes over the training images.
     batch_size : int, default=64
-        Images per training batch (each gives two views) and per embedding batch.
-    lr : float, default=1e-4
-        SGD learning rate (no momentum, as in the reference).
-    weight_decay : float, default=5e-5
-        SGD weight decay.
+        Images per training and per embedding batch.
+    lr, weight_decay : float, default=1e-4, 5e-5
+        SGD learning rate (no momentum, as in the reference) and weight decay.
     temperature : float, default=0.25
         Temperature of the contrastive losses.
     n_neighbors : int, default=2
@@ -98,8 +94,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     min_crop_area : float in (0, 1], default=0.2
         Smallest share of an image kept by the training views' random crops.
     contamination : float in (0, 0.5], default=0.1
-        Expected share of anomalies; sets ``offset_`` as that percentile of the
-        leave-self-out training scores.
+        Share of normal images accepted as false alarms: ``offset_`` is that
+        percentile of the leave-self-out training scores.
     device : str or torch.device, default="auto"
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
@@ -267,25 +263,20 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         self.patch_stages = patch_stages
         self.image_score = image_score
 
-    # ------------------------------------------------------------------ fitting
-
     def fit(self, X: Any, y: Any = None) -> MSCDetector:
         """Fine-tune the backbone on normal images and index their embeddings.
 
         Parameters
         ----------
         X : array-like, tensor or list
-            Normal training images: a numpy array ``(n, H, W)``, ``(n, H, W, 1)`` or
-            ``(n, H, W, 3)`` (uint8 0-255 or float 0-1), a torch tensor
-            ``(n, C, H, W)``, or a list of PIL images, file paths or arrays.
+            Normal images: an array ``(n, H, W[, C])`` (uint8, or float in 0-1), a
+            tensor ``(n, C, H, W)``, or a list of PIL images, file paths or arrays.
         y : Ignored
-            Present for API consistency.
 
         Returns
         -------
         self : MSCDetector
-            The fitted detector. If ``fit`` raises or is interrupted, a previously
-            fitted detector keeps its state.
+            If ``fit`` raises or is interrupted, a fitted detector keeps its state.
         """
         index = self._check_params()
         source = as_image_source(X)
@@ -313,16 +304,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
                 "image_score='patch' scores patches, which needs a patch bank; set "
                 "patch_memory ('auto' or a number of patches) or use another image_score."
             )
-        if not isinstance(self.patch_stages, str):
-            stages = tuple(self.patch_stages)
-            valid = [
-                isinstance(s, Integral) and not isinstance(s, bool) and s >= 0 for s in stages
-            ]
-            if not stages or not all(valid):
-                raise ValueError(
-                    "patch_stages must be 'auto' or a non-empty tuple of feature-stage positions "
-                    f"(integers >= 0, e.g. (2, 3)); got {self.patch_stages!r}."
-                )
         return index
 
     def _offset(self, model: FittedModel) -> float:
@@ -331,12 +312,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     def _snapshot(self, epoch: int, model: FittedModel) -> None:
         """Hand ``epoch_callback`` a fitted detector around an epoch's model."""
-        assert self.epoch_callback is not None
         snapshot = type(self)(**self.get_params(deep=False))
         snapshot.model_, snapshot.offset_ = model, snapshot._offset(model)
-        self.epoch_callback(epoch, snapshot)
-
-    # ----------------------------------------------------------------- scoring
+        self.epoch_callback(epoch, snapshot)  # type: ignore[misc]
 
     def _workers(self, source: ImageSource) -> int:
         if self.num_workers is not None:
@@ -375,15 +353,10 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def transform(self, X: Any) -> np.ndarray:
         """Embed images with the fitted network.
 
-        Parameters
-        ----------
-        X : array-like, tensor or list
-            Images, in any form ``fit`` accepts.
-
         Returns
         -------
         ndarray of shape (n_samples, n_features), float32
-            L2-normalised embeddings.
+            L2-normalised embeddings of ``X`` (images in any form ``fit`` accepts).
         """
         check_is_fitted(self)
         source = as_image_source(X)
@@ -396,20 +369,13 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
         """Find the nearest normal training images.
 
-        Parameters
-        ----------
-        X : array-like, tensor, list or None, default=None
-            Query images. ``None`` queries the training images, each excluding itself
-            (as the index holds them: decoded codes for a compressing ``index``).
-        n_neighbors : int, optional
-            Defaults to the ``n_neighbors`` parameter.
-        return_distance : bool, default=True
+        ``X=None`` queries the training images, each excluding itself (as the index
+        holds them); ``n_neighbors`` defaults to the parameter.
 
         Returns
         -------
         distances : ndarray of shape (n_queries, n_neighbors), float32
-            Euclidean distances between embeddings, ascending (only if
-            ``return_distance``).
+            Euclidean distances between embeddings, ascending (if ``return_distance``).
         indices : ndarray of shape (n_queries, n_neighbors), int64
             Positions in the training set.
         """
@@ -437,7 +403,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like, tensor or list
-            Images, in any form ``fit`` accepts.
         n_neighbors : int, default=0
             Nearest training images to return per image.
         maps : bool, default=False
@@ -462,11 +427,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def score_samples(self, X: Any) -> np.ndarray:
         """Score normality as ``image_score`` says: higher means more normal.
 
-        Parameters
-        ----------
-        X : array-like, tensor or list
-            Images, in any form ``fit`` accepts; scored in bounded memory, each image
-            decoded and run through the network once.
+        Images in any form ``fit`` accepts, scored in bounded memory, each decoded and
+        run through the network once.
 
         Returns
         -------
@@ -481,14 +443,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def false_alarm_rate(self, X: Any) -> np.ndarray:
         """How often a normal image scores at least as anomalous as each image.
 
-        The share of the training images whose leave-self-out score is as low or
-        lower, ``(count + 1) / (n_train + 1)``: a threshold of 0.01 on it flags about
-        1% of normal images, whatever the data. ``predict`` flags about
-        ``contamination`` of them.
-
-        Parameters
-        ----------
-        X : array-like, tensor or list
+        The share of training images whose leave-self-out score is as low or lower,
+        ``(count + 1) / (n_train + 1)``: a threshold of 0.01 flags about 1% of normal
+        images, whatever the data.
 
         Returns
         -------
@@ -510,7 +467,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like, tensor or list
-            Images, in any form ``fit`` accepts.
         return_neighbors : bool, default=False
             Also say, per image, which normal training patch is nearest to the patch
             at the map's peak.
@@ -520,23 +476,18 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         maps : ndarray of shape (n_samples, H, W), float32, or list of ndarray
             Higher means more anomalous; one array where all images have one size.
         neighbors : dict of ndarray
-            Only with ``return_neighbors``: ``"peak"`` (row, column of the maximum),
+            With ``return_neighbors``: ``"peak"`` (row, column of the maximum),
             ``"distance"`` (of the patch there to its nearest bank patch, without the
             baseline), ``"train_index"`` (that bank patch's training image) and
-            ``"train_position"`` (its centre, as 0-1 fractions). An all-NaN map (the
-            network saw none of the image) gives NaN and index -1.
-
-        Raises
-        ------
-        ValueError
-            If the detector has no patch bank (``patch_memory=None``).
+            ``"train_position"`` (its centre, as 0-1 fractions); NaN and index -1 for
+            an all-NaN map (the network saw none of the image).
         """
         check_is_fitted(self)
         if self.model_.patches is None:
             raise ValueError(
-                "anomaly_map needs a patch bank, and this detector has none (it was fitted "
-                "with patch_memory=None, or loaded from a model file without one). Set "
-                "patch_memory ('auto' or a number of patches) and fit again."
+                "anomaly_map needs a patch bank, and this detector has none (fitted with "
+                "patch_memory=None, or loaded from a file without one). Set patch_memory "
+                "('auto' or a number of patches) and fit again."
             )
         found = self.explain(X, maps=True)
         out: np.ndarray | list[np.ndarray] = found.maps
@@ -546,10 +497,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Shifted score: negative for anomalies, positive for normal images.
-
-        Parameters
-        ----------
-        X : array-like, tensor or list
 
         Returns
         -------
@@ -561,10 +508,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """Label images as normal (+1) or anomalous (-1).
 
-        Parameters
-        ----------
-        X : array-like, tensor or list
-
         Returns
         -------
         ndarray of shape (n_samples,), int
@@ -575,11 +518,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
         """Fit, then label the training images using leave-self-out scores.
 
-        Parameters
-        ----------
-        X : array-like, tensor or list
-        y : Ignored
-
         Returns
         -------
         ndarray of shape (n_samples,), int
@@ -587,8 +525,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         """
         self.fit(X)
         return np.where(self.train_scores_ - self.offset_ < 0, -1, 1)
-
-    # ------------------------------------------------------------ persistence
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("model_", "offset_")}
@@ -609,21 +545,9 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         Weights and arrays as safetensors, the rest as JSON (see the "Model files"
         page), written beside ``path`` and renamed into place (atomic).
 
-        Parameters
-        ----------
-        path : str or path-like
-            Destination, by convention with the extension ``.msc``.
-
-        Raises
-        ------
-        ValueError
-            If ``backbone`` is a module (a model file holds no code): pickle it with
-            ``joblib.dump`` instead.
-
-        Warns
-        -----
-        UserWarning
-            When a parameter cannot be stored (``epoch_callback``): it loads as ``None``.
+        ``path`` is by convention ``*.msc``. A module backbone has no model file (it
+        holds no code): pickle it with ``joblib.dump``. A parameter JSON cannot hold
+        (``epoch_callback``) is saved as ``None``, with a ``UserWarning``.
         """
         check_is_fitted(self)
         persistence.save(self, path)
@@ -652,12 +576,6 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         ------
         ModelFileError
             If the file is damaged, altered, of an unknown format or not a model file.
-
-        Warns
-        -----
-        UserWarning
-            When the file was saved with other library versions, or a GPU-fitted
-            detector lands on the CPU.
         """
         saved = persistence.read(path)
         names = cls._get_param_names()
@@ -677,44 +595,3 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         tags.input_tags.string = True  # lists of file paths
         tags.input_tags.allow_nan = False
         return tags
-
-
-#: The read-only fitted attributes and how each is read from ``model_``.
-_FITTED_VIEWS: dict[str, Callable[[FittedModel], Any]] = {
-    "embedder_": lambda m: m.embedder,
-    "index_": lambda m: m.index,
-    "center_": lambda m: m.center,
-    "train_scores_": lambda m: m.rule.train_scores,
-    "history_": lambda m: m.history,
-    "weights_source_": lambda m: m.weights_source,
-    "n_train_": lambda m: m.n_train,
-    "train_paths_": lambda m: m.train_paths,
-    "patch_bank_": lambda m: m.patches.bank if m.patches else None,
-    "patch_stages_": lambda m: m.patches.stages if m.patches else (),
-    "image_score_": lambda m: m.rule.mode,
-    "score_locations_": lambda m: m.rule.locations,
-    "score_scales_": lambda m: m.rule.scales,
-    "backbone_": lambda m: m.embedder.views[0].network,
-    "pretrained_backbone_": lambda m: m.networks()[1],
-    "backbone_spec_": lambda m: m.embedder.spec,
-    "device_": lambda m: m.embedder.runtime.device,
-    "precision_": lambda m: m.embedder.runtime.precision,
-    "image_size_": lambda m: m.embedder.image_size,
-    "crop_pct_": lambda m: m.embedder.crop_pct,
-    "flip_average_": lambda m: m.embedder.flip_average,
-    "nearest_view_": lambda m: len(m.embedder.views) > 1,
-}
-
-
-def _fitted_view(name: str, read: Callable[[FittedModel], Any]) -> property:
-    def get(self: MSCDetector) -> Any:
-        model = self.__dict__.get("model_")
-        if model is None:
-            raise AttributeError(f"This MSCDetector is not fitted yet; call fit first ({name}).")
-        return read(model)
-
-    return property(get, doc=f"Read-only: ``{name}`` of the fitted model (see the class).")
-
-
-for _name, _read in _FITTED_VIEWS.items():
-    setattr(MSCDetector, _name, _fitted_view(_name, _read))

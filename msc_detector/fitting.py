@@ -27,6 +27,7 @@ import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,16 @@ class FitSettings:
         if values["crop_pct"] is not None:
             values["crop_pct"] = float(values["crop_pct"])
         values["verbose"] = bool(values["verbose"])
+        stages = values["patch_stages"]
+        if not isinstance(stages, str):
+            valid = [
+                isinstance(s, Integral) and not isinstance(s, bool) and int(s) >= 0 for s in stages
+            ]
+            if not stages or not all(valid):
+                raise ValueError(
+                    "patch_stages must be 'auto' or a non-empty tuple of feature-stage positions "
+                    f"(integers >= 0, e.g. (2, 3)); got {stages!r}."
+                )
         return cls(**values, index=index, num_workers=num_workers)
 
 

@@ -28,10 +28,10 @@ from msc_detector.data import ImageSource
 from msc_detector.embedding import Embedder, View
 from msc_detector.index import KNNIndex, PatchIndex
 from msc_detector.patches import grid_to_maps, map_to_image, network_positions
-from msc_detector.runtime import land_runtime
+from msc_detector.runtime import Precision, land_runtime
 from msc_detector.verdict import ScoreRule
 
-__all__ = ["Evidence", "Explanation", "FittedModel", "PatchScorer", "SavedParts"]
+__all__ = ["Evidence", "Explanation", "FittedModel", "FittedViews", "PatchScorer", "SavedParts"]
 
 
 class PatchScorer:
@@ -394,6 +394,151 @@ class Explanation:
             "train_index": np.asarray([owner for owner, _ in sources], np.int64),
             "train_position": np.asarray([pos for _, pos in sources], np.float64).reshape(-1, 2),
         }
+
+
+class FittedViews:
+    """Read-only views of a fitted estimator's ``model_``: its public fitted attributes.
+
+    Each raises ``AttributeError`` before ``fit`` (so ``hasattr`` says unfitted).
+    """
+
+    def _fitted_model(self) -> FittedModel:
+        model = self.__dict__.get("model_")
+        if model is None:
+            raise AttributeError(f"This {type(self).__name__} is not fitted yet; call fit first.")
+        return model
+
+    @property
+    def embedder_(self) -> Embedder:
+        """The embedder: views, networks, preprocessing, runtime."""
+        m = self._fitted_model()
+        return m.embedder
+
+    @property
+    def index_(self) -> KNNIndex:
+        """The kNN index of the training embeddings."""
+        m = self._fitted_model()
+        return m.index
+
+    @property
+    def center_(self) -> np.ndarray:
+        """The MSC centre."""
+        m = self._fitted_model()
+        return m.center
+
+    @property
+    def train_scores_(self) -> np.ndarray:
+        """Leave-self-out ``score_samples`` of the training images."""
+        m = self._fitted_model()
+        return m.rule.train_scores
+
+    @property
+    def history_(self) -> list[dict[str, Any]]:
+        """Per-epoch training figures."""
+        m = self._fitted_model()
+        return m.history
+
+    @property
+    def weights_source_(self) -> str:
+        """Where the initial weights came from."""
+        m = self._fitted_model()
+        return m.weights_source
+
+    @property
+    def n_train_(self) -> int:
+        """Number of training images."""
+        m = self._fitted_model()
+        return m.n_train
+
+    @property
+    def train_paths_(self) -> list[str] | None:
+        """The training files, where fit was given paths."""
+        m = self._fitted_model()
+        return m.train_paths
+
+    @property
+    def patch_bank_(self) -> PatchIndex | None:
+        """The patch bank, or ``None``."""
+        m = self._fitted_model()
+        return m.patches.bank if m.patches else None
+
+    @property
+    def patch_stages_(self) -> tuple[str, ...]:
+        """The stages of the patch embeddings."""
+        m = self._fitted_model()
+        return m.patches.stages if m.patches else ()
+
+    @property
+    def image_score_(self) -> str:
+        """The image score ``fit`` calibrated."""
+        m = self._fitted_model()
+        return m.rule.mode
+
+    @property
+    def score_locations_(self) -> tuple[float, float]:
+        """Locations of the global and patch anomalies."""
+        m = self._fitted_model()
+        return m.rule.locations
+
+    @property
+    def score_scales_(self) -> tuple[float, float]:
+        """Scales of the global and patch anomalies."""
+        m = self._fitted_model()
+        return m.rule.scales
+
+    @property
+    def backbone_(self) -> nn.Module:
+        """The fine-tuned network."""
+        m = self._fitted_model()
+        return m.embedder.views[0].network
+
+    @property
+    def pretrained_backbone_(self) -> nn.Module | None:
+        """The pretrained network of the nearest view, if any."""
+        m = self._fitted_model()
+        return m.networks()[1]
+
+    @property
+    def backbone_spec_(self) -> BackboneSpec:
+        """Architecture, preprocessing and frozen stages."""
+        m = self._fitted_model()
+        return m.embedder.spec
+
+    @property
+    def device_(self) -> torch.device:
+        """Device of the networks."""
+        m = self._fitted_model()
+        return m.embedder.runtime.device
+
+    @property
+    def precision_(self) -> Precision:
+        """Autocast set-up of the networks."""
+        m = self._fitted_model()
+        return m.embedder.runtime.precision
+
+    @property
+    def image_size_(self) -> int:
+        """Network input side."""
+        m = self._fitted_model()
+        return m.embedder.image_size
+
+    @property
+    def crop_pct_(self) -> float:
+        """Evaluation crop share."""
+        m = self._fitted_model()
+        return m.embedder.crop_pct
+
+    @property
+    def flip_average_(self) -> bool:
+        """Whether embeddings average each image with its mirror."""
+        m = self._fitted_model()
+        return m.embedder.flip_average
+
+    @property
+    def nearest_view_(self) -> bool:
+        """Whether embeddings join a nearest-neighbour view."""
+        m = self._fitted_model()
+        return len(m.embedder.views) > 1
 
 
 @dataclass(frozen=True)

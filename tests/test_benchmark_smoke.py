@@ -134,3 +134,30 @@ def test_missing_opencv_digits_says_which_package(tmp_path: Path, capsys) -> Non
     argv = ["--dataset", "opencv-digits", "--data-root", str(tmp_path)]
     assert one_class.run([*argv, "--results-dir", str(tmp_path)]) == {}
     assert "apt-get install opencv-doc" in capsys.readouterr().out
+
+
+def test_score_rules_evaluates_every_rule_and_renders_the_means() -> None:
+    from benchmarks import score_rules
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "global_train": rng.normal(size=30),
+        "patch_train": rng.normal(size=30),
+        "global_test": np.r_[rng.normal(size=10), rng.normal(3, 1, size=10)],
+        "patch_test": np.r_[rng.normal(size=10), rng.normal(size=10)],
+        "is_anomaly": np.arange(20) >= 10,
+    }
+    row = score_rules.evaluate(arrays)
+    assert set(row) == set(score_rules.RULES)
+    assert row["global"] > 90 and 20 < row["patch"] < 80  # only the global evidence differs
+    table = score_rules.render({"defects:brick": row, "digits:0": row}, "cmd")
+    assert "| sum of robust z |" in table and "semantic mean" in table
+
+
+def test_verdict_cost_measures_a_tiny_detector() -> None:
+    from benchmarks import verdict_cost
+
+    train, test = verdict_cost.crops(6, 32, 0), verdict_cost.crops(4, 32, 1)
+    tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 4, "patch_memory": 20}
+    row = verdict_cost.measure(tiny, train, test)
+    assert row["image_score"] == "combined" and row["score_images_per_second"] > 0
