@@ -412,15 +412,16 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         -------
         Explanation
             ``scores`` (``score_samples``), ``false_alarm_rates``, ``indices`` and
-            ``distances`` of the nearest training images, and ``maps``.
+            ``distances`` of the nearest training images, and the maps' sources
+            (``maps()`` gives the maps).
         """
         check_is_fitted(self)
         model = self.model_
         wanted = 0 if n_neighbors == 0 else self._k(n_neighbors)
         k = self._k(None) if model.rule.uses_global else 0
-        out = Explanation.empty(wanted)
+        out = Explanation.empty(wanted, model)
         for found in self._evidence(X, max(k, wanted), model.rule.uses_patch or maps):
-            out.add(model, found, k, wanted, maps)
+            out.add(found, k, wanted, maps)
         out.false_alarm_rates = model.rule.false_alarm_rate(out.scores)
         return out
 
@@ -490,10 +491,11 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
                 "('auto' or a number of patches) and fit again."
             )
         found = self.explain(X, maps=True)
-        out: np.ndarray | list[np.ndarray] = found.maps
-        if found.maps and all(m.shape == found.maps[0].shape for m in found.maps):
-            out = np.stack(found.maps)
-        return (out, found.map_neighbors(self.model_)) if return_neighbors else out
+        maps = found.maps()
+        out: np.ndarray | list[np.ndarray] = maps
+        if maps and all(m.shape == maps[0].shape for m in maps):
+            out = np.stack(maps)
+        return (out, found.map_neighbors(maps)) if return_neighbors else out
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Shifted score: negative for anomalies, positive for normal images.

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from msc_detector.model import MapSource
+
 __all__ = ["Chunk", "check_readable", "score_files"]
 
 #: Files embedded per chunk: bounds memory, and is how often rows are written.
@@ -44,11 +46,10 @@ class Chunk:
         Euclidean distances between embeddings, as ``kneighbors`` returns them.
     errors : list of str or None
         Why a file could not be scored, else ``None``.
-    maps : list of ndarray or None
-        Each file's anomaly map where maps were asked for (``None`` for a failed file).
-    peaks : list of dict or None
-        Where each map peaks and the training patch nearest there (see
-        :class:`~msc_detector.model.Explanation`).
+    map_sources : list of MapSource or None
+        What each file's anomaly map is made from, where maps were asked for (``None``
+        for a failed file): small, so a caller keeps those it will show and makes
+        their maps with ``detector.model_.image_map``.
     """
 
     paths: list[str]
@@ -56,8 +57,7 @@ class Chunk:
     neighbors: np.ndarray
     distances: np.ndarray
     errors: list[str | None]
-    maps: list[np.ndarray | None] = field(default_factory=list)
-    peaks: list[dict[str, Any] | None] = field(default_factory=list)
+    map_sources: list[MapSource | None] = field(default_factory=list)
 
 
 def check_readable(path: str) -> str | None:
@@ -91,7 +91,6 @@ def _score_chunk(detector: Any, paths: Sequence[str], k: int, maps: bool) -> Chu
         np.full((n, k), np.nan, np.float32),
         [check_readable(path) for path in paths],
         [None] * n if maps else [],
-        [None] * n if maps else [],
     )
     todo = [i for i, error in enumerate(chunk.errors) if error is None]
     if not todo:
@@ -111,7 +110,7 @@ def _score_chunk(detector: Any, paths: Sequence[str], k: int, maps: bool) -> Chu
             chunk.neighbors[rows] = found.indices
             chunk.distances[rows] = found.distances
         for j, i in enumerate(rows if maps else []):
-            chunk.maps[i], chunk.peaks[i] = found.maps[j], found.peaks[j]
+            chunk.map_sources[i] = found.map_sources[j]
     return chunk
 
 
@@ -138,7 +137,7 @@ def score_files(
     progress : bool, default=True
         Show a progress bar over the files on stderr.
     maps : bool, default=False
-        Also give each file's anomaly map (the detector needs a patch bank).
+        Also give what each file's anomaly map is made from (needs a patch bank).
 
     Yields
     ------

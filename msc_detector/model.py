@@ -31,7 +31,8 @@ from msc_detector.patches import grid_to_maps, map_to_image, network_positions
 from msc_detector.runtime import Precision, land_runtime
 from msc_detector.verdict import ScoreRule
 
-__all__ = ["Evidence", "Explanation", "FittedModel", "FittedViews", "PatchScorer", "SavedParts"]
+__all__ = ["Evidence", "Explanation", "FittedModel", "FittedViews", "MapSource"]
+__all__ += ["PatchScorer", "SavedParts"]
 
 
 class PatchScorer:
@@ -92,6 +93,25 @@ class PatchScorer:
         return grid_to_maps(excess, size).amax(dim=(1, 2)).double().numpy()
 
 
+@dataclass(frozen=True)
+class MapSource:
+    """What one image's anomaly map is made from: small, kept until a map is needed.
+
+    Attributes
+    ----------
+    excess : torch.Tensor of shape (h, w)
+        Patch distances above the baseline.
+    nearest : ndarray of shape (h, w), int64
+        Position in the bank of each patch's nearest bank patch.
+    size : tuple of int
+        The image's own height and width.
+    """
+
+    excess: torch.Tensor
+    nearest: np.ndarray
+    size: tuple[int, int]
+
+
 @dataclass
 class Evidence:
     """What one pass tells about a batch of images (``None`` where not asked for).
@@ -116,6 +136,14 @@ class Evidence:
     patch_nearest: np.ndarray | None
     patch_anomaly: np.ndarray | None
     sizes: list[list[int]]
+
+    def map_sources(self) -> list[MapSource]:
+        """Return what each image's map is made from (the batch must have patch evidence)."""
+        assert self.patch_excess is not None and self.patch_nearest is not None
+        return [
+            MapSource(self.patch_excess[j], self.patch_nearest[j], (int(h), int(w)))
+            for j, (h, w) in enumerate(self.sizes)
+        ]
 
 
 @dataclass(eq=False)
@@ -191,39 +219,36 @@ class FittedModel:
                 found.patch_anomaly = self.patches.maxima(found.patch_excess, size)
             yield found
 
-    def image_map(self, found: Evidence, j: int) -> np.ndarray:
-        """Return the anomaly map of image ``j`` of a batch, at the image's own size."""
-        assert found.patch_excess is not None
-        height, width = found.sizes[j]
-        network_map = grid_to_maps(found.patch_excess[j : j + 1], self.embedder.image_size)[0]
+    def image_map(self, source: MapSource) -> np.ndarray:
+        """Return an image's anomaly map at the image's own size (NaN where unseen)."""
+        height, width = source.size
+        network_map = grid_to_maps(source.excess[None], self.embedder.image_size)[0]
         return map_to_image(
             network_map, height, width, self.embedder.load_size, self.embedder.image_size
         )
 
-    def map_peak(self, found: Evidence, j: int, image_map: np.ndarray) -> dict[str, Any]:
-        """Where image ``j``'s map peaks and which normal patch is nearest there.
+    def map_peak(self, source: MapSource, image_map: np.ndarray) -> dict[str, Any]:
+        """Where an image's map peaks and which normal patch is nearest there.
 
         Returns ``peak`` (row, column; NaN where the map is all NaN), ``distance`` (the
         patch's distance to its nearest bank patch, without the baseline) and
         ``bank_index`` (-1 where the map is all NaN).
         """
-        assert self.patches is not None and found.patch_excess is not None
-        assert found.patch_nearest is not None
+        assert self.patches is not None
         if not np.isfinite(image_map).any():  # the network saw none of the image
             return {"peak": (np.nan, np.nan), "distance": np.nan, "bank_index": -1}
         bank, size, load = self.patches.bank, self.embedder.image_size, self.embedder.load_size
-        height, width = found.sizes[j]
+        height, width = source.size
         y, x = np.unravel_index(int(np.nanargmax(image_map)), image_map.shape)
         ny = float(network_positions(height, width, load, size)[y])
         nx = float(network_positions(width, height, load, size)[x])
         h, w = bank.grid
         row = min(h - 1, max(0, int(ny / size * h)))
         col = min(w - 1, max(0, int(nx / size * w)))
-        excess = float(found.patch_excess[j, row, col])
         return {
             "peak": (float(y), float(x)),
-            "distance": excess + float(bank.baseline[row, col]),
-            "bank_index": int(found.patch_nearest[j, row, col]),
+            "distance": float(source.excess[row, col]) + float(bank.baseline[row, col]),
+            "bank_index": int(source.nearest[row, col]),
         }
 
     def scores(self, found: Evidence, k: int) -> np.ndarray:
@@ -350,47 +375,51 @@ class Explanation:
         Positions in the training set of the nearest training images.
     distances : ndarray of shape (n, k), float32
         Euclidean distances to them, as ``kneighbors`` returns them.
-    maps : list of ndarray
-        Anomaly maps at each image's own size, where asked for.
-    peaks : list of dict
-        Where each map peaks and the bank patch nearest there (see
-        :meth:`FittedModel.map_peak`).
+    map_sources : list of MapSource
+        What each image's map is made from, where maps were asked for; :meth:`maps`
+        and :meth:`peaks` turn them into maps at the images' own sizes.
     """
 
     scores: np.ndarray
     false_alarm_rates: np.ndarray
     indices: np.ndarray
     distances: np.ndarray
-    maps: list[np.ndarray] = field(default_factory=list)
-    peaks: list[dict[str, Any]] = field(default_factory=list)
+    map_sources: list[MapSource] = field(default_factory=list)
+    model: FittedModel | None = field(default=None, repr=False)
 
     @classmethod
-    def empty(cls, k: int) -> Explanation:
+    def empty(cls, k: int, model: FittedModel) -> Explanation:
         """Return an explanation of no images, with room for ``k`` neighbours."""
         none = np.empty(0)
-        return cls(none, none, np.empty((0, k), np.int64), np.empty((0, k), np.float32))
+        k_empty = (np.empty((0, k), np.int64), np.empty((0, k), np.float32))
+        return cls(none, none, *k_empty, model=model)
 
-    def add(self, model: FittedModel, found: Evidence, k: int, wanted: int, maps: bool) -> None:
-        """Append one batch's scores, neighbours and maps."""
-        self.scores = np.concatenate([self.scores, model.scores(found, k)])
+    def add(self, found: Evidence, k: int, wanted: int, maps: bool) -> None:
+        """Append one batch's scores, neighbours and map sources."""
+        assert self.model is not None
+        self.scores = np.concatenate([self.scores, self.model.scores(found, k)])
         if wanted:
             assert found.squared is not None and found.indices is not None
             distances = np.sqrt(np.maximum(found.squared[:, :wanted], 0.0))
             self.distances = np.concatenate([self.distances, distances])
             self.indices = np.concatenate([self.indices, found.indices[:, :wanted]])
         if maps:
-            for j in range(len(found.sizes)):
-                image_map = model.image_map(found, j)
-                self.maps.append(image_map)
-                self.peaks.append(model.map_peak(found, j, image_map))
+            self.map_sources += found.map_sources()
 
-    def map_neighbors(self, model: FittedModel) -> dict[str, np.ndarray]:
-        """Return the ``return_neighbors`` dict of ``anomaly_map``."""
-        assert model.patches is not None
-        sources = [model.patches.source(int(p["bank_index"])) for p in self.peaks]
+    def maps(self) -> list[np.ndarray]:
+        """Return each image's anomaly map at its own size, float32 (NaN where unseen)."""
+        assert self.model is not None
+        return [self.model.image_map(source) for source in self.map_sources]
+
+    def map_neighbors(self, maps: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Return the ``return_neighbors`` dict of ``anomaly_map`` for these ``maps``."""
+        model = self.model
+        assert model is not None and model.patches is not None
+        peaks = [model.map_peak(s, m) for s, m in zip(self.map_sources, maps, strict=True)]
+        sources = [model.patches.source(int(p["bank_index"])) for p in peaks]
         return {
-            "peak": np.asarray([p["peak"] for p in self.peaks], np.float64).reshape(-1, 2),
-            "distance": np.asarray([p["distance"] for p in self.peaks], np.float32),
+            "peak": np.asarray([p["peak"] for p in peaks], np.float64).reshape(-1, 2),
+            "distance": np.asarray([p["distance"] for p in peaks], np.float32),
             "train_index": np.asarray([owner for owner, _ in sources], np.int64),
             "train_position": np.asarray([pos for _, pos in sources], np.float64).reshape(-1, 2),
         }

@@ -95,11 +95,11 @@ def test_scoring_decodes_each_image_once_and_calls_the_network_once_per_batch(
         handle.remove()
     assert sorted(loaded) == list(range(18))
     assert calls == [8, 8, 2]
-    assert len(explained.maps) == 18 and explained.indices.shape == (18, 2)
+    assert len(explained.map_sources) == 18 and explained.indices.shape == (18, 2)
     # What one pass gave equals what each method gives on its own.
     np.testing.assert_array_equal(explained.scores, det.score_samples(images))
     np.testing.assert_array_equal(explained.indices, det.kneighbors(images, 2)[1])
-    np.testing.assert_array_equal(np.stack(explained.maps), det.anomaly_map(images))
+    np.testing.assert_array_equal(np.stack(explained.maps()), det.anomaly_map(images))
 
 
 def test_fit_runs_the_images_through_the_trained_network_twice(before, monkeypatch) -> None:

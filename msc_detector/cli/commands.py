@@ -228,9 +228,9 @@ def report(args: argparse.Namespace) -> int:
         neighbors[start:stop] = chunk.neighbors
         distances[start:stop] = chunk.distances
         errors.update({start + i: e for i, e in enumerate(chunk.errors) if e is not None})
-        shown.add(start, chunk, detector)
+        shown.add(start, chunk)
         start = stop
-    maps, peaks = shown.maps, shown.peaks
+    maps, peaks = shown.finish(detector.model_)
     data = html.ReportData(
         model_path=args.model,
         metadata=metadata,

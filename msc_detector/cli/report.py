@@ -131,31 +131,35 @@ def _most_anomalous(scores: np.ndarray, top: int) -> np.ndarray:
 
 
 class TopMaps:
-    """The anomaly maps and peaks of the ``top`` lowest-scoring images seen so far.
+    """The anomaly maps and peaks of the ``top`` lowest-scoring images.
 
     Fed each scored chunk in turn (:func:`msc_detector.files.score_files` with maps), it
-    keeps only the maps the report can show, so no image is decoded twice.
+    keeps the small map sources of the lowest-scoring images so far; :meth:`finish`
+    makes their maps. No image is decoded twice, and no full-size map is made for an
+    image the report does not show.
     """
 
     def __init__(self, top: int) -> None:
         self.top = top
-        self.scores: dict[int, float] = {}
-        self.maps: dict[int, np.ndarray] = {}
-        self.peaks: dict[int, MapPeak] = {}
+        self.kept: dict[int, tuple[float, Any]] = {}
 
-    def add(self, start: int, chunk: Any, detector: Any) -> None:
-        """Offer the maps of a chunk whose first file is at position ``start``."""
-        for j, image_map in enumerate(chunk.maps):
-            if image_map is None or not np.isfinite(chunk.scores[j]):
-                continue
-            i, peak = start + j, chunk.peaks[j]
-            self.scores[i] = float(chunk.scores[j])
-            self.maps[i] = np.asarray(image_map, np.float32)
-            owner, position = detector.model_.patches.source(int(peak["bank_index"]))
-            self.peaks[i] = MapPeak(float(peak["distance"]), owner, position)
-        keep = set(sorted(self.scores, key=lambda i: (self.scores[i], i))[: self.top])
-        for gone in set(self.scores) - keep:
-            del self.scores[gone], self.maps[gone], self.peaks[gone]
+    def add(self, start: int, chunk: Any) -> None:
+        """Offer the map sources of a chunk whose first file is at position ``start``."""
+        for j, source in enumerate(chunk.map_sources):
+            if source is not None and np.isfinite(chunk.scores[j]):
+                self.kept[start + j] = (float(chunk.scores[j]), source)
+        keep = sorted(self.kept, key=lambda i: (self.kept[i][0], i))[: self.top]
+        self.kept = {i: self.kept[i] for i in keep}
+
+    def finish(self, model: Any) -> tuple[dict[int, np.ndarray], dict[int, MapPeak]]:
+        """Return ``ReportData.maps`` and ``ReportData.peaks`` of the kept images."""
+        maps, peaks = {}, {}
+        for i, (_, source) in self.kept.items():
+            maps[i] = model.image_map(source)
+            peak = model.map_peak(source, maps[i])
+            owner, position = model.patches.source(int(peak["bank_index"]))
+            peaks[i] = MapPeak(float(peak["distance"]), owner, position)
+        return maps, peaks
 
 
 # ----------------------------------------------------------------------- helpers
