@@ -55,6 +55,29 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+# The largest value of each setting: beyond them Faiss overflows its C ints or allocates
+# without bound (an efSearch of 2**31 - 1 ended in std::bad_alloc). Generous for any bank
+# that fits a machine; a fitted index narrows the search settings further.
+_LIMITS = {
+    "nlist": 2**24,
+    "pq_m": 2**12,
+    "pq_nbits": 16,
+    "M": 2**10,
+    "efConstruction": 2**16,
+    "train_size": 2**31 - 1,
+    "nprobe": 2**24,
+    "efSearch": 2**24,
+}
+
+
+def _check_setting(key: str, value: Any, high: int, where: str = "") -> None:
+    """Raise a ValueError naming ``key`` and its bounds unless ``value`` is an int in them."""
+    if not _positive_int(value) or value > high:
+        raise ValueError(
+            f"index_params[{key!r}] must be a positive int, at most {high}{where}; got {value!r}."
+        )
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= 1)
 
@@ -98,8 +121,7 @@ class IndexSpec:
                     f"index_params[{key!r}] does not apply to index={self.kind!r}, which reads "
                     f"{', '.join(_KEYS[self.family]) or 'no settings'}. Remove it."
                 )
-            if not _positive_int(value):
-                raise ValueError(f"index_params[{key!r}] must be a positive int; got {value!r}.")
+            _check_setting(key, value, _LIMITS[key])
 
     @property
     def family(self) -> str:
@@ -429,8 +451,8 @@ class KNNIndex:
                     f"index_params[{key!r}] does not apply to the fitted {self.faiss_class}, "
                     f"which reads {', '.join(knobs) or 'no search settings'}. Remove it."
                 )
-            if not _positive_int(value):
-                raise ValueError(f"index_params[{key!r}] must be a positive int; got {value!r}.")
+            widest = min(knobs[key][1], _LIMITS[key])  # nprobe: nlist; efSearch: the bank
+            _check_setting(key, value, widest, f" for the fitted {self.faiss_class}")
         return {k: int(v) for k, v in settings.items() if k in _SEARCH_KEYS}
 
     def search(

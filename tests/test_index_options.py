@@ -206,3 +206,26 @@ def test_a_model_file_with_a_damaged_or_mismatched_faiss_index_is_refused(X, tmp
         persistence.inspect(variant(blob, {**index, "kind": 3}))
     with pytest.raises(ModelFileError, match="index_vectors"):
         persistence.inspect(variant(blob, {**index, "kind": "flat"}))
+
+
+@pytest.mark.parametrize(
+    ("kind", "setting", "bound"),
+    [
+        ("hnsw", {"efSearch": 2**31 - 1}, "at most 24"),  # ended in std::bad_alloc
+        ("hnsw", {"efSearch": 2**31}, "at most 24"),  # OverflowError
+        ("ivf", {"nprobe": 2**63}, "at most 4"),  # OverflowError or a Faiss RuntimeError
+    ],
+)
+def test_extreme_search_settings_are_refused_with_their_bounds(kind, setting, bound) -> None:
+    images = np.random.default_rng(0).integers(0, 256, size=(24, 32, 32, 3), dtype=np.uint8)
+    params = {"nlist": 4} if kind == "ivf" else {"M": 4}
+    det = MSCDetector(
+        weights=None, image_size=32, epochs=0, batch_size=8, patch_memory=None, index=kind,
+        index_params=params,
+    ).fit(images)  # fmt: skip
+    det.set_params(index_params={**params, **setting})
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=rf"index_params\['{name}'\] .*{bound}"):
+        det.score_samples(images[:2])
+    with pytest.raises(ValueError, match=rf"{name}.*at most {2**24}"):
+        MSCDetector(index=kind, index_params=setting).fit(images)
