@@ -721,7 +721,15 @@ def render(results: list[dict[str, Any]], name: str) -> str:
     for r in results:
         for row_key, row in r["rows"].items():
             rows.setdefault(_row_label(r, row_key), {})[r["set"]] = row
-    lines = [f"# {name}: msc-detector beside anomalib, scikit-learn and PyOD", ""]
+    lines = [
+        f"# {name}: msc-detector beside anomalib, scikit-learn and PyOD",
+        "",
+        "Same images, same EfficientNet-Lite0 weights, same CPU; one process per (tool, set). "
+        "CPU seconds are the worker's process time (every thread). Scoring rates: ours "
+        "`score_samples` only (maps separately), anomalib score and map from one pass. "
+        "The global and patch rows come from the combined row's fit.",
+        "",
+    ]
     for group, title in ((textures, "Surface defects"), (fm, "Fashion-MNIST (one class normal)")):
         if not group:
             continue
@@ -763,13 +771,30 @@ def render(results: list[dict[str, Any]], name: str) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Details", ""]
+    commands: dict[str, list[str]] = {}
     for r in results:
-        extra = {k: r[k] for k in ("weights_check", "versions") if k in r}
-        lines.append(
-            f"- `{r['tool']}` on `{r['set']}` ({r['n_train']} train / {r['n_test']} test, "
-            f"{r['torch_threads']} torch threads): `{r['command']}`"
-            + (f"; {json.dumps(extra)}" if extra else "")
-        )
+        commands.setdefault(r["command"], []).append(f"{r['tool']} on {r['set']}")
+    for command, pairs in commands.items():
+        lines.append(f"- `{command}`: {', '.join(pairs)}")
+    checks = {
+        r["tool"]: r["weights_check"]["max_relative_feature_difference"]
+        for r in results
+        if "weights_check" in r
+    }
+    if checks:
+        lines += [
+            "",
+            "Our weights in anomalib's extractor (loaded with strict=True), largest "
+            f"relative difference of its features from ours: {json.dumps(checks)}",
+        ]
+    versions = {k: v for r in results for k, v in r.get("versions", {}).items()}
+    sizes = {f"{r['set']}": f"{r['n_train']} train / {r['n_test']} test" for r in results}
+    threads = sorted({r["torch_threads"] for r in results})
+    lines += [
+        "",
+        f"Peer versions: {json.dumps(versions)}; sets: {json.dumps(sizes)}; "
+        f"torch threads: {threads}.",
+    ]
     machines = {json.dumps(r["machine"].get("cpu")) for r in results}
     lines += ["", f"CPU: {', '.join(sorted(machines))}", ""]
     return "\n".join(lines)
