@@ -70,7 +70,7 @@ def test_an_approximate_index_fits_scores_pickles_saves_and_loads(kind, X, flat,
     arrays = safetensors.numpy.load(members_of(tmp_path / "m.msc")["arrays.safetensors"])
     assert "index_faiss" in arrays and "index_vectors" not in arrays
     info = persistence.inspect(tmp_path / "m.msc")
-    assert info["format_version"] == 3 and info["index"]["faiss_class"] == faiss_class
+    assert info["format_version"] == 4 and info["index"]["faiss_class"] == faiss_class
     assert info["index"] == {"kind": kind, "params": params, "faiss_class": faiss_class} | {
         "dim": det.index_.dim,
         "ntotal": 40,

@@ -290,7 +290,7 @@ def test_inspect_verifies_without_importing_torch(model) -> None:
     result = json.loads(out)
     assert result["heavy"] == []
     assert result["info"]["fitted"]["n_train_"] == 24
-    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 3
+    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 4
 
 
 def test_inspect_returns_the_metadata(model) -> None:
@@ -478,7 +478,7 @@ def test_a_history_over_its_length_limit(saved: Path, reader) -> None:
 
 def test_oversized_members_are_refused_before_reading(saved: Path, reader, monkeypatch) -> None:
     monkeypatch.setitem(persistence._LIMITS, "metadata.json", 100)
-    monkeypatch.setattr(persistence, "_read", lambda *a, **k: pytest.fail("a member was read"))
+    monkeypatch.setattr(persistence.container, "_read", lambda *a, **k: pytest.fail("a member was read"))
     with pytest.raises(ModelFileError, match=r"'metadata\.json' declares more than 100 bytes"):
         reader(saved)
 

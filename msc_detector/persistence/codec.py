@@ -345,6 +345,13 @@ def metadata_and_arrays(
             f"{index['dim']}; the detector has {n} of width {dim}.",
         )
     if "patch_grid" in arrays:
+        m, (rows, cols) = len(arrays["patch_vectors"]), arrays["patch_grid"].tolist()
+        if m > n * rows * cols:
+            raise error(
+                where,
+                f"{ARRAYS} holds {m} patches; a grid of {rows} x {cols} patches of {n} "
+                "training images holds 1 to all of them.",
+            )
         owners, positions = arrays["patch_owners"], arrays["patch_positions"]
         inside = (owners >= 0).all() and (owners < n).all() and (positions >= 0).all()
         if not (
@@ -371,7 +378,7 @@ def _patch_arrays_expected(
     vectors, grid = arrays["patch_vectors"], arrays["patch_grid"]
     rows, cols = (int(grid[0]), int(grid[1])) if grid.shape == (2,) else (-1, -1)
     m = vectors.shape[0] if vectors.ndim == 2 else -1
-    if m < 1 or rows < 1 or cols < 1 or m > n_train * rows * cols:
+    if m < 1 or rows < 1 or cols < 1:
         raise error(
             where,
             f"{ARRAYS} holds {m} patches; a grid of {rows} x {cols} patches of {n_train} "
