@@ -478,7 +478,9 @@ def test_a_history_over_its_length_limit(saved: Path, reader) -> None:
 
 def test_oversized_members_are_refused_before_reading(saved: Path, reader, monkeypatch) -> None:
     monkeypatch.setitem(persistence._LIMITS, "metadata.json", 100)
-    monkeypatch.setattr(persistence.container, "_read", lambda *a, **k: pytest.fail("a member was read"))
+    monkeypatch.setattr(
+        persistence.container, "_read", lambda *a, **k: pytest.fail("a member was read")
+    )
     with pytest.raises(ModelFileError, match=r"'metadata\.json' declares more than 100 bytes"):
         reader(saved)
 
