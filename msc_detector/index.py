@@ -451,8 +451,7 @@ class KNNIndex:
                     f"index_params[{key!r}] does not apply to the fitted {self.faiss_class}, "
                     f"which reads {', '.join(knobs) or 'no search settings'}. Remove it."
                 )
-            widest = min(knobs[key][1], _LIMITS[key])  # nprobe: nlist; efSearch: the bank
-            _check_setting(key, value, widest, f" for the fitted {self.faiss_class}")
+            _check_setting(key, value, _LIMITS[key])  # beyond nlist or the bank, Faiss clamps
         return {k: int(v) for k, v in settings.items() if k in _SEARCH_KEYS}
 
     def search(
