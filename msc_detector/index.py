@@ -47,6 +47,23 @@ _KINDS_TEXT = (
     "'flat', 'ivf', 'ivfpq', 'hnsw' or a Faiss index_factory string such as 'IVF256,Flat'"
 )
 _EF_SEARCH, _EF_CONSTRUCTION = 64, 40  # HNSW defaults, also for factory strings
+# The range of each setting, checked before Faiss sees a value: Faiss allocates from some
+# (a search queue of efSearch entries: 2**31 - 1 ends in std::bad_alloc), crashes on
+# others (M=1) and overflows on values beyond 64 bits. The bounds leave room far beyond
+# useful values: efSearch=256 finds 94 % of the true neighbours among 1M vectors
+# (benchmarks/README.md), M above 64 and nlist above 2**20 are past Faiss's own guidance.
+# Limits that depend on the index (nprobe <= nlist, nlist and 2**pq_nbits <= training
+# vectors, pq_m divides the width) are checked where the index is built or searched.
+_BOUNDS = {
+    "nlist": (1, 2**24),
+    "nprobe": (1, 2**24),
+    "train_size": (1, 2**40),
+    "pq_m": (1, 2**16),
+    "pq_nbits": (1, 16),
+    "M": (2, 256),
+    "efConstruction": (1, 2**16),
+    "efSearch": (1, 2**16),
+}
 _MISSING = -1  # the id Faiss gives where it found fewer than k neighbours
 _faiss: Any = faiss  # Faiss's type stubs lack the search-parameter classes
 
@@ -55,8 +72,14 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= 1)
+def _check_setting(key: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is an int within the bounds of setting ``key``."""
+    low, high = _BOUNDS[key]
+    is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if not (is_int and low <= value <= high):
+        raise ValueError(
+            f"index_params[{key!r}] must be an int in [{low}, {high}]; got {value!r}."
+        )
 
 
 @dataclass(frozen=True)
@@ -71,9 +94,13 @@ class IndexSpec:
         vectors), or any Faiss ``index_factory`` string (L2 metric).
     params : dict, default={}
         Build settings ``nlist``, ``train_size``, ``pq_m``, ``pq_nbits``, ``M``,
-        ``efConstruction`` and search settings ``nprobe``, ``efSearch``, each a positive
-        int, only those the kind reads; the rest default from the bank size
-        (:meth:`resolve`).
+        ``efConstruction`` and search settings ``nprobe``, ``efSearch``, only those the
+        kind reads; the rest default from the bank size (:meth:`resolve`). Each is an
+        int in a range: ``nlist`` and ``nprobe`` in [1, 2**24], ``train_size`` in
+        [1, 2**40], ``pq_m`` in [1, 2**16], ``pq_nbits`` in [1, 16], ``M`` in [2, 256],
+        ``efConstruction`` and ``efSearch`` in [1, 2**16]; building also needs
+        ``nprobe <= nlist``, at least ``nlist`` and ``2**pq_nbits`` training vectors and
+        ``pq_m`` dividing the width.
     """
 
     kind: str = "flat"
@@ -98,8 +125,7 @@ class IndexSpec:
                     f"index_params[{key!r}] does not apply to index={self.kind!r}, which reads "
                     f"{', '.join(_KEYS[self.family]) or 'no settings'}. Remove it."
                 )
-            if not _positive_int(value):
-                raise ValueError(f"index_params[{key!r}] must be a positive int; got {value!r}.")
+            _check_setting(key, value)
 
     @property
     def family(self) -> str:
@@ -184,6 +210,12 @@ def _new_index(spec: IndexSpec, n: int, dim: int) -> Any:
         raise ValueError(
             f"index_params['pq_m']={settings['pq_m']} must divide the embedding width {dim}."
         )
+    if spec.family == "ivfpq" and 2 ** settings["pq_nbits"] > settings["train_size"]:
+        raise ValueError(
+            f"index_params['pq_nbits']={settings['pq_nbits']} needs at least "
+            f"2**pq_nbits = {2 ** settings['pq_nbits']} training vectors; there are "
+            f"{settings['train_size']}. Lower pq_nbits or raise train_size."
+        )
     try:
         index = faiss.index_factory(dim, string, faiss.METRIC_L2)
     except RuntimeError as exc:
@@ -200,15 +232,44 @@ def _new_index(spec: IndexSpec, n: int, dim: int) -> Any:
             f"index_params[{unusable[0]!r}] does not apply to index={spec.kind!r}, whose Faiss "
             f"index reads {', '.join(knobs) or 'no search settings'}. Remove it."
         )
-    # The search defaults live in the fitted index; per-search settings override them.
-    if "nprobe" in knobs:
+    _check_structure(spec, index, settings.get("train_size", n))
+    _set_search_defaults(index, settings)
+    return index
+
+
+def _check_structure(spec: IndexSpec, index: Any, train_size: int) -> None:
+    """Check the limits that depend on the built index (nlist, nprobe, a factory's M)."""
+    if "nprobe" in _knobs(index, 0):
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+        if nlist > train_size:
+            raise ValueError(
+                f"index={spec.kind!r} has nlist={nlist} lists, which need at least {nlist} "
+                f"training vectors; there are {train_size}. Lower nlist or raise train_size."
+            )
+        nprobe = spec.params.get("nprobe", 1)
+        if nprobe > nlist:
+            raise ValueError(
+                f"index_params['nprobe'] must be in [1, {nlist}], the nlist of "
+                f"index={spec.kind!r}; got {nprobe}."
+            )
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        cum = faiss.vector_to_array(hnsw.hnsw.cum_nneighbor_per_level)
+        m = int(cum[1]) // 2 if len(cum) > 1 else 1  # level 0 keeps 2 M links; none at M=1
+        low, high = _BOUNDS["M"]
+        if not low <= m <= high:
+            raise ValueError(f"index={spec.kind!r} has an HNSW M outside [{low}, {high}].")
+
+
+def _set_search_defaults(index: Any, settings: Mapping[str, int]) -> None:
+    """Store the search defaults in ``index``; per-search settings override them."""
+    if "nprobe" in _knobs(index, 0):
         ivf = faiss.extract_index_ivf(index)
         ivf.nprobe = settings.get("nprobe", math.ceil(math.sqrt(ivf.nlist)))
     hnsw = _hnsw_of(index)
     if hnsw is not None:
         hnsw.hnsw.efSearch = settings.get("efSearch", _EF_SEARCH)
         hnsw.hnsw.efConstruction = settings.get("efConstruction", _EF_CONSTRUCTION)
-    return index
 
 
 def _unwrap(index: Any) -> Any:
@@ -413,7 +474,9 @@ class KNNIndex:
     def check_settings(self, settings: Mapping[str, int]) -> dict[str, int]:
         """Validate ``settings`` against the fitted index; return its search settings.
 
-        Build settings are accepted and left out: they apply to the next build.
+        Every value must lie in its range (:class:`IndexSpec`), ``nprobe`` at most the
+        fitted ``nlist``. Build settings are checked and left out: they apply to the
+        next build.
         """
         knobs = _knobs(self.index, self.ntotal)
         for key, value in settings.items():
@@ -422,15 +485,17 @@ class KNNIndex:
                     f"index_params has the unknown setting {key!r}; the settings are "
                     f"{', '.join(_ALL_KEYS)}."
                 )
-            if key not in _SEARCH_KEYS:
-                continue
-            if key not in knobs:
+            if key in _SEARCH_KEYS and key not in knobs:
                 raise ValueError(
                     f"index_params[{key!r}] does not apply to the fitted {self.faiss_class}, "
                     f"which reads {', '.join(knobs) or 'no search settings'}. Remove it."
                 )
-            if not _positive_int(value):
-                raise ValueError(f"index_params[{key!r}] must be a positive int; got {value!r}.")
+            _check_setting(key, value)
+            if key == "nprobe" and value > knobs[key][1]:
+                raise ValueError(
+                    f"index_params['nprobe'] must be in [1, {knobs[key][1]}], the nlist of the "
+                    f"fitted {self.faiss_class}; got {value!r}."
+                )
         return {k: int(v) for k, v in settings.items() if k in _SEARCH_KEYS}
 
     def search(

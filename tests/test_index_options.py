@@ -122,8 +122,11 @@ def test_search_settings_set_after_fit_are_checked_at_scoring(X):
     with pytest.raises(ValueError, match=r"'nprobe'\] does not apply to the fitted IndexHNSW"):
         det.score_samples(X[:2])
     det.set_params(index_params={"efSearch": 0})
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match=r"must be an int in \[1, 65536\]; got 0"):
         det.kneighbors()
+    det.set_params(index_params={"efSearch": 2**31 - 1})  # was std::bad_alloc in Faiss
+    with pytest.raises(ValueError, match=r"'efSearch'\] must be an int in \[1, 65536\]"):
+        det.score_samples(X[:2])
     det.set_params(index_params={"efsearch": 16})
     with pytest.raises(ValueError, match="unknown setting 'efsearch'"):
         det.score_samples(X[:2])
@@ -137,7 +140,7 @@ def test_search_settings_set_after_fit_are_checked_at_scoring(X):
         ("IVFx,Flat", None, "Faiss cannot build for 1280-dimensional embeddings"),
         ("ivf", {"nprob": 4}, "unknown setting 'nprob'"),
         ("hnsw", {"nlist": 4}, r"'nlist'\] does not apply to index='hnsw'"),
-        ("ivf", {"nlist": 0}, "positive int"),
+        ("ivf", {"nlist": 0}, r"must be an int in \[1, 16777216\]"),
         ("ivfpq", {"pq_m": 3}, "must divide the embedding width 1280"),
     ],
 )
