@@ -7,7 +7,10 @@ indexed in a compressed form. The fitted index lives on the CPU. Search settings
 (``nprobe``, ``efSearch``) are passed to each search as Faiss search parameters, so a
 search never changes the fitted index. Searches move a copy to a GPU only when
 ``faiss-gpu`` is installed and a GPU is asked for; pickling goes through
-``faiss.serialize_index``.
+``faiss.serialize_index``. For files, :meth:`KNNIndex.to_arrays` and
+:meth:`KNNIndex.from_arrays` store an index as plain arrays that are checked before Faiss
+sees them (:mod:`msc_detector.index_storage`), and :func:`check_serialized_sizes` guards
+``faiss.serialize_index`` bytes before Faiss's reader parses them.
 
 :class:`PatchIndex` adds, per indexed patch, the training image it came from and its
 place in the feature grid, for leave-one-image-out searches and explanations.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +30,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "PatchIndex"]
+from msc_detector import index_storage
+from msc_detector.index_storage import Layout, check_serialized_sizes
+
+__all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "PatchIndex", "check_serialized_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +279,46 @@ def _set_search_defaults(index: Any, settings: Mapping[str, int]) -> None:
         hnsw.hnsw.efConstruction = settings.get("efConstruction", _EF_CONSTRUCTION)
 
 
+# Factory strings with a plain-array form (index_storage), and how to read their layout.
+_FACTORY_LAYOUTS = (
+    (re.compile(r"Flat"), "flat"),
+    (re.compile(r"IVF(?P<nlist>\d+),Flat"), "ivf"),
+    (re.compile(r"IVF(?P<nlist>\d+),PQ(?P<pq_m>\d+)(?:x(?P<pq_nbits>\d+))?"), "ivfpq"),
+    (re.compile(r"IVF(?P<nlist>\d+),SQ(?P<sq>4|6|8|fp16|bf16)"), "ivfsq"),
+    (re.compile(r"HNSW(?P<M>\d+)(?:,Flat)?"), "hnsw"),
+)
+_ARRAY_KINDS_TEXT = (
+    "'flat', 'ivf', 'ivfpq', 'hnsw' and the factory strings 'Flat', 'IVF<nlist>,Flat', "
+    "'IVF<nlist>,PQ<m>x<nbits>', 'IVF<nlist>,SQ<4|6|8|fp16|bf16>' and 'HNSW<M>,Flat'"
+)
+
+
+def _layout(spec: IndexSpec, ntotal: int, dim: int) -> Layout:
+    """Return the plain-array layout of ``spec`` for ``ntotal`` vectors of ``dim``."""
+    if spec.family != "factory":
+        s = spec.resolve(ntotal, dim)
+        return Layout(
+            {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw"}[spec.family],
+            dim,
+            ntotal,
+            nlist=s.get("nlist", 0),
+            pq_m=s.get("pq_m", 0),
+            pq_nbits=s.get("pq_nbits", 0),
+            M=s.get("M", 0),
+        )
+    for pattern, structure in _FACTORY_LAYOUTS:
+        if match := pattern.fullmatch(spec.kind):
+            found = match.groupdict()
+            numbers = {k: int(v) for k, v in found.items() if k != "sq" and v is not None}
+            if structure == "ivfpq":
+                numbers.setdefault("pq_nbits", 8)  # Faiss's default for PQ<m>
+            return Layout(structure, dim, ntotal, sq=found.get("sq") or "", **numbers)
+    raise ValueError(
+        f"index={spec.kind!r} has no plain-array form; the kinds that have one are "
+        f"{_ARRAY_KINDS_TEXT}."
+    )
+
+
 def _unwrap(index: Any) -> Any:
     """Return the index a pre-transform or refinement wraps, else the index itself."""
     index = faiss.downcast_index(index)
@@ -344,6 +391,39 @@ class KNNIndex:
     ----------
     index : faiss.Index or None
         The CPU index after :meth:`fit`.
+
+    Notes
+    -----
+    **Plain arrays.** :meth:`to_arrays` gives the fitted index as numpy arrays and
+    :meth:`from_arrays` rebuilds it, search results equal, after checking every array
+    against the layout that the spec fixes, so a model file never hands Faiss's C++
+    reader anything. Names, dtypes and shapes, for ``n`` vectors of width ``d`` (ids are
+    positions in the order added; "by id": row ``i`` belongs to id ``i``):
+
+    - ``"flat"`` (also ``"Flat"``): ``vectors`` float32 ``(n, d)``.
+    - ``"ivf"``, ``"ivfpq"`` and the factory strings ``"IVF<nlist>,Flat"``,
+      ``"IVF<nlist>,PQ<m>x<nbits>"``, ``"IVF<nlist>,SQ<4|6|8|fp16|bf16>"``:
+      ``centroids`` float32 ``(nlist, d)`` (the coarse quantizer);
+      ``list_sizes`` int64 ``(nlist,)``, summing to ``n``;
+      ``ids`` int64 ``(n,)``, the inverted lists one after another, each in the order
+      it is searched, every id in ``[0, n)`` exactly once. Then, for IVF-Flat,
+      ``vectors`` float32 ``(n, d)`` by id; for IVF-PQ, ``pq_centroids`` float32
+      ``(pq_m, 2**pq_nbits, d / pq_m)``, ``codes`` uint8
+      ``(n, ceil(pq_m * pq_nbits / 8))`` by id and ``by_residual`` bool ``(1,)``
+      (whether codes encode the residual to the list's centroid; Faiss's default,
+      True); for IVF-SQ, ``sq_trained`` float32 (``(2 d,)`` for SQ4, SQ6, SQ8, ``(0,)``
+      for SQfp16, SQbf16), ``codes`` uint8 ``(n, code_size)`` by id and
+      ``by_residual`` bool ``(1,)``.
+    - ``"hnsw"`` (also ``"HNSW<M>,Flat"``): ``vectors`` float32 ``(n, d)`` by id;
+      ``levels`` int32 ``(n,)``, each node's number of levels, in [1, the levels of
+      ``M``]; ``offsets`` int64 ``(n + 1,)``, where each node's links start in
+      ``neighbors``, from 0, growing by the link count that ``levels[i]`` and ``M`` fix;
+      ``neighbors`` int32 ``(offsets[n],)``, ids in ``[-1, n)`` (-1: no link), a link on
+      level ``L`` only to a node that has level ``L``; ``entry_point`` int32 ``(1,)``,
+      a node on the top level; ``max_level`` int32 ``(1,)``, ``max(levels) - 1``.
+
+    Floats must be finite. Other kinds (pre-transforms, refinements, other quantizers)
+    have no plain-array form: :meth:`to_arrays` refuses them with a ``ValueError``.
     """
 
     def __init__(
@@ -645,6 +725,65 @@ class KNNIndex:
             "ntotal": self.ntotal,
         }
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Return the fitted index as plain arrays (the class docstring lists them).
+
+        Raises
+        ------
+        ValueError
+            For an index kind without a plain-array form (such as ``"PCA8,HNSW8,Flat"``).
+        """
+        if self.index is None:
+            raise RuntimeError("The index is empty; call fit first.")
+        expected = _layout(self.spec, self.ntotal, self.dim)
+        layout, arrays = index_storage.arrays_of(self.index)
+        if layout != expected:
+            raise ValueError(
+                f"The fitted {self.faiss_class} has the layout {layout}, not the {expected} "
+                f"of index={self.spec.kind!r}."
+            )
+        return arrays
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: Mapping[str, np.ndarray],
+        spec: IndexSpec,
+        dim: int,
+        ntotal: int,
+        chunk_size: int = 16384,
+        seed: int = 0,
+    ) -> KNNIndex:
+        """Rebuild the index of :meth:`to_arrays`, checking every array before Faiss sees it.
+
+        Parameters
+        ----------
+        arrays : dict of str to ndarray
+            What :meth:`to_arrays` returned (the class docstring lists the names, dtypes
+            and shapes for each kind); nothing more, nothing less.
+        spec : IndexSpec
+            The spec the index was fitted with: it fixes the layout (``nlist``, ``pq_m``,
+            ``pq_nbits``, ``M``) and the search defaults.
+        dim, ntotal : int
+            Width and number of the indexed vectors.
+        chunk_size, seed
+            As in the constructor.
+
+        Raises
+        ------
+        ValueError
+            Naming the array and its problem: a missing or unexpected array, a dtype, a
+            shape, a size or id out of range, an id missing or repeated, a graph link to a
+            level the node lacks, a float that is not finite; or a kind without a
+            plain-array form.
+        """
+        index = index_storage.build(_layout(spec, ntotal, dim), arrays)
+        _set_search_defaults(index, spec.resolve(ntotal, dim))
+        _keep_ids(index)
+        knn = cls(spec, chunk_size, seed)
+        knn.index = index
+        return knn
+
     def to_bytes(self) -> np.ndarray:
         """Return the fitted index as ``faiss.serialize_index`` bytes (a uint8 array)."""
         return faiss.serialize_index(self.index)
@@ -653,8 +792,13 @@ class KNNIndex:
     def from_bytes(
         cls, blob: np.ndarray, spec: IndexSpec, faiss_class: str, dim: int, ntotal: int
     ) -> KNNIndex:
-        """Rebuild from :meth:`to_bytes`; check the class, width and size it must have."""
+        """Rebuild from :meth:`to_bytes`; check the class, width and size it must have.
+
+        The bytes pass :func:`check_serialized_sizes` before Faiss's reader sees them,
+        and the search defaults stored in them are replaced by those of ``spec``.
+        """
         knn = cls(spec)
+        check_serialized_sizes(blob)
         try:
             knn.index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
         except RuntimeError as exc:
@@ -665,6 +809,7 @@ class KNNIndex:
                 f"the Faiss index is a {found[0]} of {found[2]} vectors of width {found[1]}; "
                 f"expected a {faiss_class} of {ntotal} vectors of width {dim}."
             )
+        _set_search_defaults(knn.index, spec.resolve(ntotal, dim))
         return knn
 
     def __getstate__(self) -> dict[str, Any]:

@@ -201,8 +201,12 @@ def test_a_model_file_with_a_damaged_or_mismatched_faiss_index_is_refused(X, tmp
     blob, index = arrays["index_faiss"], metadata["index"]
     with pytest.raises(ModelFileError, match="expected a IndexHNSWFlat"):
         MSCDetector.load(variant(blob, {**index, "faiss_class": "IndexHNSWFlat"}))
-    with pytest.raises(ModelFileError, match="do not parse"):
+    with pytest.raises(ModelFileError, match="only 2 bytes follow"):  # checked before Faiss
         MSCDetector.load(variant(blob[:100], index))
+    forged = blob.copy()  # the quantizer claims 2**28 centroid floats: Faiss allocated 1 GiB
+    forged[90:98] = np.frombuffer(np.uint64(2**28).tobytes(), np.uint8)
+    with pytest.raises(ModelFileError, match="claim the flat vectors of 268435456 items"):
+        MSCDetector.load(variant(forged, index))
     with pytest.raises(ModelFileError, match="describes an index of 39 vectors"):
         persistence.inspect(variant(blob, {**index, "ntotal": 39}))
     with pytest.raises(ModelFileError, match="'index'"):
