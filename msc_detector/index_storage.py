@@ -49,10 +49,6 @@ _MAX_NODES = 2**31 - 1  # HNSW links are int32
 _NODE_CHUNK = 65536  # nodes whose links are checked at once (bounds the temporaries)
 
 
-def _fail(message: str) -> ValueError:
-    return ValueError(message)
-
-
 @dataclass(frozen=True)
 class Layout:
     """The structure of an index, which fixes the names, dtypes and shapes of its arrays.
@@ -100,7 +96,7 @@ class Layout:
             checks.append((self.ntotal <= _MAX_NODES, f"ntotal at most {_MAX_NODES}"))
         for ok, what in checks:
             if not ok:
-                raise _fail(f"The index layout {self} is invalid: it needs {what}.")
+                raise ValueError(f"The index layout {self} is invalid: it needs {what}.")
 
     def factory_string(self) -> str:
         """Return the Faiss ``index_factory`` string of an empty index of this layout."""
@@ -121,7 +117,7 @@ def _layout_of(index: Any) -> Layout:
     index = faiss.downcast_index(index)
     name = type(index).__name__
     if index.metric_type != faiss.METRIC_L2:
-        raise _fail(f"Only L2 indexes have a plain-array form; the {name} is not L2.")
+        raise ValueError(f"Only L2 indexes have a plain-array form; the {name} is not L2.")
     dim, ntotal = int(index.d), int(index.ntotal)
     if type(index) in (faiss.IndexFlatL2, faiss.IndexFlat):
         return Layout("flat", dim, ntotal)
@@ -131,7 +127,7 @@ def _layout_of(index: Any) -> Layout:
     if type(index) in (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer):
         quantizer = faiss.downcast_index(index.quantizer)
         if type(quantizer) not in (faiss.IndexFlatL2, faiss.IndexFlat):
-            raise _fail(
+            raise ValueError(
                 f"Only IVF indexes with a flat coarse quantizer have a plain-array form; "
                 f"this one has a {type(quantizer).__name__}."
             )
@@ -143,7 +139,7 @@ def _layout_of(index: Any) -> Layout:
         qtypes = {getattr(faiss.ScalarQuantizer, q): sq for sq, (q, _) in _SQ.items()}
         if index.sq.qtype in qtypes:
             return Layout("ivfsq", dim, ntotal, nlist, sq=qtypes[index.sq.qtype])
-    raise _fail(
+    raise ValueError(
         f"The Faiss {name} has no plain-array form; the structures that have one are "
         "IndexFlatL2, IndexIVFFlat, IndexIVFPQ, IndexIVFScalarQuantizer (SQ4, SQ6, SQ8, "
         "SQfp16, SQbf16) over a flat quantizer, and IndexHNSWFlat."
@@ -227,9 +223,9 @@ class _Arrays:
     def __init__(self, arrays: Mapping[str, Any], layout: Layout) -> None:
         expected = set(_names(layout))
         if missing := sorted(expected - set(arrays)):
-            raise _fail(f"The {layout.structure} index arrays lack {', '.join(missing)}.")
+            raise ValueError(f"The {layout.structure} index arrays lack {', '.join(missing)}.")
         if extra := sorted(set(arrays) - expected):
-            raise _fail(
+            raise ValueError(
                 f"The {layout.structure} index arrays have unexpected entries "
                 f"{', '.join(extra)}; it has {', '.join(sorted(expected))}."
             )
@@ -239,21 +235,23 @@ class _Arrays:
         """Return array ``name``; ``None`` in ``shape`` accepts any length on that axis."""
         array = self._arrays[name]
         if not isinstance(array, np.ndarray):
-            raise _fail(f"Index array {name!r} must be a numpy array; got {type(array).__name__}.")
+            raise ValueError(
+                f"Index array {name!r} must be a numpy array; got {type(array).__name__}."
+            )
         if array.dtype != np.dtype(dtype):
-            raise _fail(f"Index array {name!r} must be {np.dtype(dtype)}; got {array.dtype}.")
+            raise ValueError(f"Index array {name!r} must be {np.dtype(dtype)}; got {array.dtype}.")
         fits = array.ndim == len(shape) and all(
             want is None or got == want for got, want in zip(array.shape, shape, strict=False)
         )
         if not fits:
             wanted = tuple("any" if want is None else want for want in shape)
-            raise _fail(f"Index array {name!r} must have shape {wanted}; got {array.shape}.")
+            raise ValueError(f"Index array {name!r} must have shape {wanted}; got {array.shape}.")
         return np.ascontiguousarray(array)
 
     def floats(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         array = self.get(name, np.float32, shape)
         if not np.isfinite(array).all():
-            raise _fail(f"Index array {name!r} holds values that are not finite.")
+            raise ValueError(f"Index array {name!r} holds values that are not finite.")
         return array
 
     def flag(self, name: str) -> bool:
@@ -263,17 +261,17 @@ class _Arrays:
 def _check_lists(arrays: _Arrays, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """Return the checked list sizes and ids of an IVF layout."""
     sizes = arrays.get("list_sizes", np.int64, (layout.nlist,))
-    if (sizes < 0).any() or int(sizes.sum()) != layout.ntotal:
-        raise _fail(
-            f"Index array 'list_sizes' must hold {layout.nlist} sizes >= 0 that sum to "
-            f"ntotal={layout.ntotal}; they sum to {int(sizes.clip(0).sum())}"
-            f"{' and some are negative' if (sizes < 0).any() else ''}."
+    if ((sizes < 0) | (sizes > layout.ntotal)).any():  # also keeps the sum from wrapping
+        raise ValueError(f"Index array 'list_sizes' holds sizes outside [0, {layout.ntotal}].")
+    if int(sizes.sum()) != layout.ntotal:
+        raise ValueError(
+            f"Index array 'list_sizes' must sum to ntotal={layout.ntotal}; got {int(sizes.sum())}."
         )
     ids = arrays.get("ids", np.int64, (layout.ntotal,))
     if ((ids < 0) | (ids >= layout.ntotal)).any():
-        raise _fail(f"Index array 'ids' holds ids outside [0, {layout.ntotal}).")
+        raise ValueError(f"Index array 'ids' holds ids outside [0, {layout.ntotal}).")
     if (np.bincount(ids, minlength=layout.ntotal) != 1).any():
-        raise _fail("Index array 'ids' must hold every id exactly once; some repeat.")
+        raise ValueError("Index array 'ids' must hold every id exactly once; some repeat.")
     return sizes, ids
 
 
@@ -283,7 +281,7 @@ def _check_codes(arrays: _Arrays, layout: Layout, code_size: int) -> np.ndarray:
         halves = codes.view(np.uint16)
         exponent = 0x7C00 if layout.sq == "fp16" else 0x7F80
         if ((halves & exponent) == exponent).any():
-            raise _fail("Index array 'codes' holds half floats that are not finite.")
+            raise ValueError("Index array 'codes' holds half floats that are not finite.")
     return codes
 
 
@@ -299,16 +297,16 @@ def _check_graph(
     n = len(levels)
     top = len(cum) - 1
     if ((levels < 1) | (levels > top)).any():
-        raise _fail(f"Index array 'levels' must hold levels in [1, {top}].")
+        raise ValueError(f"Index array 'levels' must hold levels in [1, {top}].")
     if offsets[0] != 0 or (np.diff(offsets) != cum[levels]).any():
-        raise _fail(
+        raise ValueError(
             "Index array 'offsets' must start at 0 and grow by each node's link count "
             "(fixed by its levels and M)."
         )
     if len(neighbors) != offsets[-1]:
-        raise _fail(f"Index array 'neighbors' must have shape ({int(offsets[-1])},).")
+        raise ValueError(f"Index array 'neighbors' must have shape ({int(offsets[-1])},).")
     if ((neighbors < -1) | (neighbors >= n)).any():
-        raise _fail(f"Index array 'neighbors' holds ids outside [-1, {n}).")
+        raise ValueError(f"Index array 'neighbors' holds ids outside [-1, {n}).")
     for start in range(0, n, _NODE_CHUNK):  # a link at level L must lead to a node on L
         stop = min(n, start + _NODE_CHUNK)
         first, last = int(offsets[start]), int(offsets[stop])
@@ -319,11 +317,13 @@ def _check_graph(
         links = neighbors[first:last]
         linked = links >= 0
         if (levels[links[linked]] <= level[linked]).any():
-            raise _fail("Index array 'neighbors' links nodes on levels they do not have.")
+            raise ValueError("Index array 'neighbors' links nodes on levels they do not have.")
     if max_level != int(levels.max()) - 1:
-        raise _fail(f"Index array 'max_level' must be max(levels) - 1 = {int(levels.max()) - 1}.")
+        raise ValueError(
+            f"Index array 'max_level' must be max(levels) - 1 = {int(levels.max()) - 1}."
+        )
     if not (0 <= entry_point < n and levels[entry_point] == max_level + 1):
-        raise _fail("Index array 'entry_point' must be a node on the top level.")
+        raise ValueError("Index array 'entry_point' must be a node on the top level.")
 
 
 # ---------------------------------------------------------------------- rebuilding
@@ -421,7 +421,7 @@ class _Walk:
 
     def take(self, size: int, what: str) -> memoryview:
         if size < 0 or size > self.left:
-            raise _fail(
+            raise ValueError(
                 f"The Faiss index bytes claim {what} of {size} bytes at byte {self.pos}, but "
                 f"only {self.left} bytes follow."
             )
@@ -439,7 +439,7 @@ class _Walk:
         """Skip a length-prefixed vector of items of ``itemsize`` bytes; return its length."""
         count = self.scalar("Q", f"the length of {what}")
         if count > self.left // itemsize:
-            raise _fail(
+            raise ValueError(
                 f"The Faiss index bytes claim {what} of {count} items of {itemsize} bytes at "
                 f"byte {self.pos}, but only {self.left} bytes follow."
             )
@@ -454,7 +454,9 @@ class _Walk:
 
     def require(self, ok: bool, what: str) -> None:
         if not ok:
-            raise _fail(f"The Faiss index bytes are inconsistent near byte {self.pos}: {what}.")
+            raise ValueError(
+                f"The Faiss index bytes are inconsistent near byte {self.pos}: {what}."
+            )
 
 
 def check_serialized_sizes(blob: bytes | np.ndarray) -> None:
@@ -528,7 +530,7 @@ def _walk_index(walk: _Walk, depth: int) -> tuple[int, int] | None:
         storage = _walk_index(walk, depth + 1)
         walk.require(storage == (d, n), "the HNSW storage's width or size")
         return d, n
-    raise _fail(
+    raise ValueError(
         f"The Faiss index bytes hold a structure {tag!r} whose sizes cannot be checked "
         "before Faiss reads them, so they are not read."
     )
@@ -571,7 +573,13 @@ def _walk_lists(walk: _Walk, nlist: int, code_size: int, ntotal: int) -> None:
     if kind == "full":
         walk.require(len(sizes) == nlist, "one size per list")
     else:
-        walk.require(len(sizes) % 2 == 0 and bool((sizes[::2] < nlist).all()), "sparse sizes")
+        lists = sizes[::2]
+        walk.require(
+            len(sizes) % 2 == 0
+            and bool((lists < nlist).all())
+            and len(np.unique(lists)) == len(lists),
+            "sparse list sizes",
+        )
         sizes = sizes[1::2]
     per_entry = code_size + 8  # a code and an id
     walk.require(bool((sizes <= walk.left // per_entry).all()), "a list larger than the bytes")
@@ -623,7 +631,7 @@ def _walk_transform(walk: _Walk) -> None:
     elif tag == "VCnt":
         walk.vector(4, "the mean")
     else:
-        raise _fail(
+        raise ValueError(
             f"The Faiss index bytes hold a transform {tag!r} whose sizes cannot be checked "
             "before Faiss reads them, so they are not read."
         )

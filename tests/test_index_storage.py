@@ -133,8 +133,9 @@ FORGERIES = {
         (edit("ids", lambda x: x[:-1]), r"'ids' must have shape \(400,\); got \(399,\)"),
         (edit("ids", lambda x: x.__setitem__(0, 10**12)), r"ids outside \[0, 400\)"),
         (edit("ids", lambda x: x.__setitem__(1, x[0])), "every id exactly once"),
-        (edit("list_sizes", lambda x: x.__setitem__(0, 2**40)), "sum to ntotal=400"),
-        (edit("list_sizes", lambda x: x.__setitem__(0, -1)), "some are negative"),
+        (edit("list_sizes", lambda x: x.__setitem__(0, 2**40)), r"sizes outside \[0, 400\]"),
+        (edit("list_sizes", lambda x: x.__setitem__(0, -1)), r"sizes outside \[0, 400\]"),
+        (edit("list_sizes", lambda x: x.__setitem__(0, x[0] + 1)), "must sum to ntotal=400"),
         (edit("centroids", lambda x: x.__setitem__((0, 0), np.nan)), "'centroids' holds values"),
         (edit("centroids", lambda x: x[:-1]), r"'centroids' must have shape \(8, 8\)"),
         (edit("vectors", lambda x: x.__setitem__((3, 3), np.inf)), "'vectors' holds values"),
@@ -277,6 +278,20 @@ def test_faiss_bytes_of_every_buildable_kind_pass_the_size_check(kind) -> None:
         index.to_bytes(), index.spec, info["faiss_class"], info["dim"], info["ntotal"]
     )
     np.testing.assert_array_equal(loaded.search(QUERIES, 5)[1], index.search(QUERIES, 5)[1])
+
+
+def test_sparse_inverted_lists_pass_the_size_check_and_forged_ones_do_not() -> None:
+    """Faiss stores lists as (list, size) pairs when at most half of them hold vectors."""
+    quantizer = faiss.IndexFlatL2(8)
+    index = faiss.IndexIVFFlat(quantizer, 8, 16)
+    index.train(BASE)
+    index.add(BASE[np.argsort(index.quantizer.search(BASE, 1)[1][:, 0], kind="stable")][:5])
+    blob = bytearray(faiss.serialize_index(index).tobytes())
+    start = blob.index(b"ilar")
+    assert blob[start + 20 : start + 24] == b"sprs"
+    check_serialized_sizes(bytes(blob))
+    with pytest.raises(ValueError, match="sparse list sizes"):
+        check_serialized_sizes(bytes(put(blob, start + 32, 16)))  # list 16 of 16
 
 
 def test_search_defaults_stored_in_faiss_bytes_give_way_to_the_spec() -> None:
