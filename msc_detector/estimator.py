@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin
-from sklearn.utils import check_random_state
+from sklearn.utils import TransformerTags, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -1189,6 +1189,8 @@ class MSCDetector(OutlierMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.input_tags.string = True  # lists of file paths
         tags.input_tags.allow_nan = False
+        # transform gives embeddings: scikit-learn's checks need the tag (float32 always).
+        tags.transformer_tags = TransformerTags(preserves_dtype=[])
         return tags
 
 
