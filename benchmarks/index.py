@@ -103,6 +103,8 @@ def run_case(kind: str, n: int) -> dict[str, Any]:
     rows = []
     for factor in (1, 4) if knobs else (1,):
         chosen = {key: value * factor for key, value in knobs.items()}
+        if "nlist" in settings:  # nprobe searches at most every list
+            chosen["nprobe"] = min(chosen["nprobe"], settings["nlist"])
         index.search(q[:10], K, chosen)  # warm up
         start = time.perf_counter()
         dist, idx = index.search(q, K, chosen)

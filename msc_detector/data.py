@@ -239,6 +239,14 @@ def _check_values(array: np.ndarray | torch.Tensor, what: str) -> None:
         )
 
 
+def _check_sides(height: int, width: int, what: str, shape: tuple[int, ...]) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(
+            f"{what} holds images of {height}x{width} pixels (shape {shape}); every image "
+            "needs at least one pixel."
+        )
+
+
 def _numpy_source(array: np.ndarray, what: str = "X") -> ArraySource:
     if array.ndim == 2:
         raise ValueError(
@@ -258,6 +266,7 @@ def _numpy_source(array: np.ndarray, what: str = "X") -> ArraySource:
             f"{what} has {array.shape[-1]} channels in its last axis (shape {array.shape}); "
             f"expected 1 (grayscale) or 3 (RGB).{hint}"
         )
+    _check_sides(array.shape[1], array.shape[2], what, array.shape)
     _check_values(array, what)
     return ArraySource(array, channels_last=True)
 
@@ -272,6 +281,7 @@ def _tensor_source(tensor: torch.Tensor, what: str = "X") -> ArraySource:
             f"{what} has {tensor.shape[1]} channels (shape {tuple(tensor.shape)}); tensors are "
             "channels-first (n, C, H, W) with C = 1 (grayscale) or 3 (RGB)."
         )
+    _check_sides(tensor.shape[2], tensor.shape[3], what, tuple(tensor.shape))
     _check_values(tensor, what)
     return ArraySource(tensor, channels_last=False)
 
@@ -343,6 +353,11 @@ def as_image_source(X: Any) -> ImageSource:
         )
     if isinstance(X, Image.Image):
         raise TypeError("X is a single PIL image; pass a list of images, e.g. [image].")
+    if type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(
+            f"X is a sparse {type(X).__name__}; sparse input is not supported: MSCDetector "
+            f"takes images, {_VALID_SHAPES}, or lists of PIL images or file paths."
+        )
     if isinstance(X, np.ndarray | torch.Tensor):
         if X.ndim == 0 or X.shape[0] == 0:
             raise ValueError("X is empty; pass at least one image.")

@@ -18,11 +18,25 @@ for NCCL, 30 for gloo): a rank that waits longer than that in a collective for a
 failed rank raises. A process group initialised before ``fit`` is used as it is, so
 call :func:`torch.distributed.init_process_group` first for another timeout or backend.
 The group outlives ``fit``; :func:`torch.distributed.destroy_process_group` ends it.
+
+Every ``fit`` inside a process group is a joint fit of all its processes. Joining
+starts with a handshake through the group's store: a process waits at most
+:data:`JOIN_TIMEOUT` seconds (the environment variable ``MSC_DETECTOR_JOIN_TIMEOUT``
+overrides it) for the others to call ``fit`` too, and otherwise raises a
+``TimeoutError`` that says so, instead of waiting in a collective until the group's
+timeout. To fit in one process alone inside a group (to evaluate on rank 0, say), wrap
+the fit in :func:`local`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import datetime
+import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +44,47 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Cluster", "current", "local_device"]
+__all__ = ["JOIN_TIMEOUT", "Cluster", "current", "fits_locally", "local", "local_device"]
+
+logger = logging.getLogger(__name__)
 
 # Bytes a rank sends per all-gather round in gather_rows: bounds the receive buffers
 # (world size times this) when whole embedding sets are gathered.
 _GATHER_BYTES = 64 * 2**20
+
+#: Seconds a process waits in ``fit`` for the other processes of its job to call ``fit``.
+JOIN_TIMEOUT = 60.0
+_JOIN_TIMEOUT_VARIABLE = "MSC_DETECTOR_JOIN_TIMEOUT"
+_LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("msc_detector_local", default=False)
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Fit in this process alone, also inside a multi-process job.
+
+    Inside the ``with`` block, :func:`current` finds no job: ``fit`` takes the
+    single-process path, touches no process group (and initialises none) and waits for
+    no other process. Use it where one rank fits a detector of its own, such as an
+    evaluation on rank 0 after a joint fit::
+
+        with msc_detector.distributed.local():
+            probe = MSCDetector(...).fit(X_val)
+
+    ``device="auto"`` then means the current CUDA device, as in any single process; on
+    a rank other than 0 pass ``device=f"cuda:{local_rank}"`` or call
+    :func:`torch.cuda.set_device` first. The setting follows the context (threads and
+    tasks started inside inherit it, others do not).
+    """
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
+def fits_locally() -> bool:
+    """Whether this context fits in this process alone (inside :func:`local`)."""
+    return _LOCAL.get()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -67,13 +117,17 @@ def local_device() -> torch.device | None:
     return torch.device("cuda", local_rank)
 
 
-def current(device: str | torch.device = "auto") -> Cluster | None:
-    """Find this process's multi-process job; ``None`` in a single process.
+def current(
+    device: str | torch.device = "auto", join_timeout: float | None = None
+) -> Cluster | None:
+    """Find this process's multi-process job and join it; ``None`` in a single process.
 
     Uses the default process group when one is initialised; otherwise, when
     ``torchrun`` (or any ``env://`` launcher) set ``WORLD_SIZE`` above 1, initialises
     it from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)
-    with NCCL on a rank with a CUDA device and gloo otherwise.
+    with NCCL on a rank with a CUDA device and gloo otherwise. Every process of the job
+    must call it (``fit`` does): it waits at most ``join_timeout`` seconds for all of
+    them, through the group's store (under torchrun also before the group exists).
 
     Parameters
     ----------
@@ -81,21 +135,38 @@ def current(device: str | torch.device = "auto") -> Cluster | None:
         Where the process computes; a new group uses NCCL only where this is
         ``"auto"`` or a CUDA device and the rank has a GPU.
 
+    join_timeout : float, optional
+        Seconds to wait for the other processes to call ``fit`` too; default
+        ``MSC_DETECTOR_JOIN_TIMEOUT`` from the environment, else :data:`JOIN_TIMEOUT`.
+
     Returns
     -------
     Cluster or None
-        ``None`` when there is one process (also for an initialised group of size 1).
+        ``None`` when there is one process (also for an initialised group of size 1)
+        and inside :func:`local`.
+
+    Raises
+    ------
+    TimeoutError
+        When the other processes do not join within ``join_timeout``.
     """
-    if not dist.is_available():
+    if fits_locally() or not dist.is_available():
         return None
+    timeout = _join_timeout(join_timeout)
     if not dist.is_initialized():
-        if _env_int("WORLD_SIZE", 1) <= 1:
+        world_size = _env_int("WORLD_SIZE", 1)
+        if world_size <= 1:
             return None
+        # Under torchrun the agent's store exists before the group: meet there first, as
+        # creating the group would wait for the other processes until its own timeout.
+        _handshake(_agent_store(timeout), _env_int("RANK", 0), world_size, timeout)
         gpu = local_device()
         if gpu is not None and _may_use_cuda(device):
             dist.init_process_group("nccl", device_id=gpu)
         else:
             dist.init_process_group("gloo")
+    elif dist.get_world_size() > 1:
+        _handshake(_group_store(), dist.get_rank(), dist.get_world_size(), timeout)
     world_size = dist.get_world_size()
     if world_size <= 1:
         return None
@@ -105,6 +176,78 @@ def current(device: str | torch.device = "auto") -> Cluster | None:
     else:
         comm = torch.device("cpu")
     return Cluster(rank=dist.get_rank(), world_size=world_size, device=comm)
+
+
+def _join_timeout(given: float | None) -> float:
+    if given is not None:
+        return float(given)
+    value = os.environ.get(_JOIN_TIMEOUT_VARIABLE, "")
+    try:
+        return float(value) if value else JOIN_TIMEOUT
+    except ValueError:
+        raise ValueError(
+            f"{_JOIN_TIMEOUT_VARIABLE}={value!r} must be a number of seconds."
+        ) from None
+
+
+def _agent_store(timeout: float) -> Any:
+    """Return a client of torchrun's agent store, which exists before the group, or None."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout),
+            wait_for_workers=False,
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        logger.info("No store to meet the other processes before the group exists: %s", exc)
+        return None
+
+
+def _group_store() -> Any:
+    """Return the default process group's store (torch has no public accessor), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError) as exc:
+        logger.info("No store to meet the other processes in: %s", exc)
+        return None
+
+
+def _handshake(store: Any, rank: int, world_size: int, timeout: float) -> None:
+    """Wait until every rank has called this for the same joint fit, or raise TimeoutError.
+
+    The ranks of a job join the same sequence of fits, so each counts in ``store`` the
+    fits it joined and the n-th fit of every rank meets under the same keys: each rank
+    sets its key and waits for all of them. A rank that gives up withdraws its key and
+    does not count the fit, so a later fit of all ranks meets again. No store, no check.
+    """
+    if store is None:
+        return
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # the agent's store lasts
+    base = dist.PrefixStore(f"msc_detector/{restart}/", store)
+    joined = f"joined/rank{rank}"
+    meeting = dist.PrefixStore(f"fit{base.add(joined, 0)}/", base)
+    keys = [f"rank{r}" for r in range(world_size)]
+    meeting.set(keys[rank], "1")
+    start = time.monotonic()
+    try:
+        meeting.wait(keys, datetime.timedelta(seconds=timeout))
+    except RuntimeError as exc:  # torch's DistStoreError on a timeout
+        absent = [r for r, key in enumerate(keys) if r != rank and not meeting.check([key])]
+        meeting.delete_key(keys[rank])
+        raise TimeoutError(
+            f"Process {rank} of {world_size} in a torch.distributed job called fit and "
+            f"waited {time.monotonic() - start:.3g} s, but process(es) "
+            f"{', '.join(map(str, absent)) or '(none left)'} did not call fit. Inside a "
+            "process group every fit is a joint fit of all processes. To fit in this "
+            "process alone (to evaluate on rank 0, say), wrap the fit in "
+            "`with msc_detector.distributed.local():`. If the others are only slow to "
+            f"reach fit, raise {_JOIN_TIMEOUT_VARIABLE} (seconds; now {timeout:g})."
+        ) from exc
+    base.add(joined, 1)
 
 
 @dataclass(frozen=True)

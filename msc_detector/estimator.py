@@ -592,9 +592,10 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
-        tags.transformer_tags = TransformerTags(preserves_dtype=["float32"])  # transform()
         tags.input_tags.two_d_array = False
         tags.input_tags.three_d_array = True
         tags.input_tags.string = True  # lists of file paths
         tags.input_tags.allow_nan = False
+        # transform gives embeddings: scikit-learn's checks need the tag (float32 always).
+        tags.transformer_tags = TransformerTags(preserves_dtype=[])
         return tags

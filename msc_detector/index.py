@@ -7,7 +7,10 @@ indexed in a compressed form. The fitted index lives on the CPU. Search settings
 (``nprobe``, ``efSearch``) are passed to each search as Faiss search parameters, so a
 search never changes the fitted index. Searches move a copy to a GPU only when
 ``faiss-gpu`` is installed and a GPU is asked for; pickling goes through
-``faiss.serialize_index``.
+``faiss.serialize_index``. For files, :meth:`KNNIndex.to_arrays` and
+:meth:`KNNIndex.from_arrays` store an index as plain arrays that are checked before Faiss
+sees them (:mod:`msc_detector.index_storage`), and :func:`check_serialized_sizes` guards
+``faiss.serialize_index`` bytes before Faiss's reader parses them.
 
 :class:`PatchIndex` adds, per indexed patch, the training image it came from and its
 place in the feature grid, for leave-one-image-out searches and explanations.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +30,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "PatchIndex"]
+from msc_detector import index_storage
+from msc_detector.index_storage import Layout, check_serialized_sizes
+
+__all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "PatchIndex", "check_serialized_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,23 @@ _KINDS_TEXT = (
     "'flat', 'ivf', 'ivfpq', 'hnsw' or a Faiss index_factory string such as 'IVF256,Flat'"
 )
 _EF_SEARCH, _EF_CONSTRUCTION = 64, 40  # HNSW defaults, also for factory strings
+# The range of each setting, checked before Faiss sees a value: Faiss allocates from some
+# (a search queue of efSearch entries: 2**31 - 1 ends in std::bad_alloc), crashes on
+# others (M=1) and overflows on values beyond 64 bits. The bounds leave room far beyond
+# useful values: efSearch=256 finds 94 % of the true neighbours among 1M vectors
+# (benchmarks/README.md), M above 64 and nlist above 2**20 are past Faiss's own guidance.
+# Limits that depend on the index (nprobe <= nlist, nlist and 2**pq_nbits <= training
+# vectors, pq_m divides the width) are checked where the index is built or searched.
+_BOUNDS = {
+    "nlist": (1, 2**24),
+    "nprobe": (1, 2**24),
+    "train_size": (1, 2**40),
+    "pq_m": (1, 2**16),
+    "pq_nbits": (1, 16),
+    "M": (2, 256),
+    "efConstruction": (1, 2**16),
+    "efSearch": (1, 2**16),
+}
 _MISSING = -1  # the id Faiss gives where it found fewer than k neighbours
 _faiss: Any = faiss  # Faiss's type stubs lack the search-parameter classes
 
@@ -55,31 +79,14 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-# The largest value of each setting: beyond them Faiss overflows its C ints or allocates
-# without bound (an efSearch of 2**31 - 1 ended in std::bad_alloc). Generous for any bank
-# that fits a machine; a fitted index narrows the search settings further.
-_LIMITS = {
-    "nlist": 2**24,
-    "pq_m": 2**12,
-    "pq_nbits": 16,
-    "M": 2**10,
-    "efConstruction": 2**16,
-    "train_size": 2**31 - 1,
-    "nprobe": 2**24,
-    "efSearch": 2**24,
-}
-
-
-def _check_setting(key: str, value: Any, high: int, where: str = "") -> None:
-    """Raise a ValueError naming ``key`` and its bounds unless ``value`` is an int in them."""
-    if not _positive_int(value) or value > high:
+def _check_setting(key: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is an int within the bounds of setting ``key``."""
+    low, high = _BOUNDS[key]
+    is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if not (is_int and low <= value <= high):
         raise ValueError(
-            f"index_params[{key!r}] must be a positive int, at most {high}{where}; got {value!r}."
+            f"index_params[{key!r}] must be an int in [{low}, {high}]; got {value!r}."
         )
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= 1)
 
 
 @dataclass(frozen=True)
@@ -94,9 +101,13 @@ class IndexSpec:
         vectors), or any Faiss ``index_factory`` string (L2 metric).
     params : dict, default={}
         Build settings ``nlist``, ``train_size``, ``pq_m``, ``pq_nbits``, ``M``,
-        ``efConstruction`` and search settings ``nprobe``, ``efSearch``, each a positive
-        int, only those the kind reads; the rest default from the bank size
-        (:meth:`resolve`).
+        ``efConstruction`` and search settings ``nprobe``, ``efSearch``, only those the
+        kind reads; the rest default from the bank size (:meth:`resolve`). Each is an
+        int in a range: ``nlist`` and ``nprobe`` in [1, 2**24], ``train_size`` in
+        [1, 2**40], ``pq_m`` in [1, 2**16], ``pq_nbits`` in [1, 16], ``M`` in [2, 256],
+        ``efConstruction`` and ``efSearch`` in [1, 2**16]; building also needs
+        ``nprobe <= nlist``, at least ``nlist`` and ``2**pq_nbits`` training vectors and
+        ``pq_m`` dividing the width.
     """
 
     kind: str = "flat"
@@ -121,7 +132,7 @@ class IndexSpec:
                     f"index_params[{key!r}] does not apply to index={self.kind!r}, which reads "
                     f"{', '.join(_KEYS[self.family]) or 'no settings'}. Remove it."
                 )
-            _check_setting(key, value, _LIMITS[key])
+            _check_setting(key, value)
 
     @property
     def family(self) -> str:
@@ -206,6 +217,12 @@ def _new_index(spec: IndexSpec, n: int, dim: int) -> Any:
         raise ValueError(
             f"index_params['pq_m']={settings['pq_m']} must divide the embedding width {dim}."
         )
+    if spec.family == "ivfpq" and 2 ** settings["pq_nbits"] > settings["train_size"]:
+        raise ValueError(
+            f"index_params['pq_nbits']={settings['pq_nbits']} needs at least "
+            f"2**pq_nbits = {2 ** settings['pq_nbits']} training vectors; there are "
+            f"{settings['train_size']}. Lower pq_nbits or raise train_size."
+        )
     try:
         index = faiss.index_factory(dim, string, faiss.METRIC_L2)
     except RuntimeError as exc:
@@ -222,15 +239,84 @@ def _new_index(spec: IndexSpec, n: int, dim: int) -> Any:
             f"index_params[{unusable[0]!r}] does not apply to index={spec.kind!r}, whose Faiss "
             f"index reads {', '.join(knobs) or 'no search settings'}. Remove it."
         )
-    # The search defaults live in the fitted index; per-search settings override them.
-    if "nprobe" in knobs:
+    _check_structure(spec, index, settings.get("train_size", n))
+    _set_search_defaults(index, settings)
+    return index
+
+
+def _check_structure(spec: IndexSpec, index: Any, train_size: int) -> None:
+    """Check the limits that depend on the built index (nlist, nprobe, a factory's M)."""
+    if "nprobe" in _knobs(index, 0):
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+        if nlist > train_size:
+            raise ValueError(
+                f"index={spec.kind!r} has nlist={nlist} lists, which need at least {nlist} "
+                f"training vectors; there are {train_size}. Lower nlist or raise train_size."
+            )
+        nprobe = spec.params.get("nprobe", 1)
+        if nprobe > nlist:
+            raise ValueError(
+                f"index_params['nprobe'] must be in [1, {nlist}], the nlist of "
+                f"index={spec.kind!r}; got {nprobe}."
+            )
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        cum = faiss.vector_to_array(hnsw.hnsw.cum_nneighbor_per_level)
+        m = int(cum[1]) // 2 if len(cum) > 1 else 1  # level 0 keeps 2 M links; none at M=1
+        low, high = _BOUNDS["M"]
+        if not low <= m <= high:
+            raise ValueError(f"index={spec.kind!r} has an HNSW M outside [{low}, {high}].")
+
+
+def _set_search_defaults(index: Any, settings: Mapping[str, int]) -> None:
+    """Store the search defaults in ``index``; per-search settings override them."""
+    if "nprobe" in _knobs(index, 0):
         ivf = faiss.extract_index_ivf(index)
         ivf.nprobe = settings.get("nprobe", math.ceil(math.sqrt(ivf.nlist)))
     hnsw = _hnsw_of(index)
     if hnsw is not None:
         hnsw.hnsw.efSearch = settings.get("efSearch", _EF_SEARCH)
         hnsw.hnsw.efConstruction = settings.get("efConstruction", _EF_CONSTRUCTION)
-    return index
+
+
+# Factory strings with a plain-array form (index_storage), and how to read their layout.
+_FACTORY_LAYOUTS = (
+    (re.compile(r"Flat"), "flat"),
+    (re.compile(r"IVF(?P<nlist>\d+),Flat"), "ivf"),
+    (re.compile(r"IVF(?P<nlist>\d+),PQ(?P<pq_m>\d+)(?:x(?P<pq_nbits>\d+))?"), "ivfpq"),
+    (re.compile(r"IVF(?P<nlist>\d+),SQ(?P<sq>4|6|8|fp16|bf16)"), "ivfsq"),
+    (re.compile(r"HNSW(?P<M>\d+)(?:,Flat)?"), "hnsw"),
+)
+_ARRAY_KINDS_TEXT = (
+    "'flat', 'ivf', 'ivfpq', 'hnsw' and the factory strings 'Flat', 'IVF<nlist>,Flat', "
+    "'IVF<nlist>,PQ<m>x<nbits>', 'IVF<nlist>,SQ<4|6|8|fp16|bf16>' and 'HNSW<M>,Flat'"
+)
+
+
+def _layout(spec: IndexSpec, ntotal: int, dim: int) -> Layout:
+    """Return the plain-array layout of ``spec`` for ``ntotal`` vectors of ``dim``."""
+    if spec.family != "factory":
+        s = spec.resolve(ntotal, dim)
+        return Layout(
+            {"flat": "flat", "ivf": "ivf", "ivfpq": "ivfpq", "hnsw": "hnsw"}[spec.family],
+            dim,
+            ntotal,
+            nlist=s.get("nlist", 0),
+            pq_m=s.get("pq_m", 0),
+            pq_nbits=s.get("pq_nbits", 0),
+            M=s.get("M", 0),
+        )
+    for pattern, structure in _FACTORY_LAYOUTS:
+        if match := pattern.fullmatch(spec.kind):
+            found = match.groupdict()
+            numbers = {k: int(v) for k, v in found.items() if k != "sq" and v is not None}
+            if structure == "ivfpq":
+                numbers.setdefault("pq_nbits", 8)  # Faiss's default for PQ<m>
+            return Layout(structure, dim, ntotal, sq=found.get("sq") or "", **numbers)
+    raise ValueError(
+        f"index={spec.kind!r} has no plain-array form; the kinds that have one are "
+        f"{_ARRAY_KINDS_TEXT}."
+    )
 
 
 def _unwrap(index: Any) -> Any:
@@ -305,6 +391,39 @@ class KNNIndex:
     ----------
     index : faiss.Index or None
         The CPU index after :meth:`fit`.
+
+    Notes
+    -----
+    **Plain arrays.** :meth:`to_arrays` gives the fitted index as numpy arrays and
+    :meth:`from_arrays` rebuilds it, search results equal, after checking every array
+    against the layout that the spec fixes, so a model file never hands Faiss's C++
+    reader anything. Names, dtypes and shapes, for ``n`` vectors of width ``d`` (ids are
+    positions in the order added; "by id": row ``i`` belongs to id ``i``):
+
+    - ``"flat"`` (also ``"Flat"``): ``vectors`` float32 ``(n, d)``.
+    - ``"ivf"``, ``"ivfpq"`` and the factory strings ``"IVF<nlist>,Flat"``,
+      ``"IVF<nlist>,PQ<m>x<nbits>"``, ``"IVF<nlist>,SQ<4|6|8|fp16|bf16>"``:
+      ``centroids`` float32 ``(nlist, d)`` (the coarse quantizer);
+      ``list_sizes`` int64 ``(nlist,)``, summing to ``n``;
+      ``ids`` int64 ``(n,)``, the inverted lists one after another, each in the order
+      it is searched, every id in ``[0, n)`` exactly once. Then, for IVF-Flat,
+      ``vectors`` float32 ``(n, d)`` by id; for IVF-PQ, ``pq_centroids`` float32
+      ``(pq_m, 2**pq_nbits, d / pq_m)``, ``codes`` uint8
+      ``(n, ceil(pq_m * pq_nbits / 8))`` by id and ``by_residual`` bool ``(1,)``
+      (whether codes encode the residual to the list's centroid; Faiss's default,
+      True); for IVF-SQ, ``sq_trained`` float32 (``(2 d,)`` for SQ4, SQ6, SQ8, ``(0,)``
+      for SQfp16, SQbf16), ``codes`` uint8 ``(n, code_size)`` by id and
+      ``by_residual`` bool ``(1,)``.
+    - ``"hnsw"`` (also ``"HNSW<M>,Flat"``): ``vectors`` float32 ``(n, d)`` by id;
+      ``levels`` int32 ``(n,)``, each node's number of levels, in [1, the levels of
+      ``M``]; ``offsets`` int64 ``(n + 1,)``, where each node's links start in
+      ``neighbors``, from 0, growing by the link count that ``levels[i]`` and ``M`` fix;
+      ``neighbors`` int32 ``(offsets[n],)``, ids in ``[-1, n)`` (-1: no link), a link on
+      level ``L`` only to a node that has level ``L``; ``entry_point`` int32 ``(1,)``,
+      a node on the top level; ``max_level`` int32 ``(1,)``, ``max(levels) - 1``.
+
+    Floats must be finite. Other kinds (pre-transforms, refinements, other quantizers)
+    have no plain-array form: :meth:`to_arrays` refuses them with a ``ValueError``.
     """
 
     def __init__(
@@ -435,7 +554,9 @@ class KNNIndex:
     def check_settings(self, settings: Mapping[str, int]) -> dict[str, int]:
         """Validate ``settings`` against the fitted index; return its search settings.
 
-        Build settings are accepted and left out: they apply to the next build.
+        Every value must lie in its range (:class:`IndexSpec`), ``nprobe`` at most the
+        fitted ``nlist``. Build settings are checked and left out: they apply to the
+        next build.
         """
         knobs = _knobs(self.index, self.ntotal)
         for key, value in settings.items():
@@ -444,14 +565,17 @@ class KNNIndex:
                     f"index_params has the unknown setting {key!r}; the settings are "
                     f"{', '.join(_ALL_KEYS)}."
                 )
-            if key not in _SEARCH_KEYS:
-                continue
-            if key not in knobs:
+            if key in _SEARCH_KEYS and key not in knobs:
                 raise ValueError(
                     f"index_params[{key!r}] does not apply to the fitted {self.faiss_class}, "
                     f"which reads {', '.join(knobs) or 'no search settings'}. Remove it."
                 )
-            _check_setting(key, value, _LIMITS[key])  # beyond nlist or the bank, Faiss clamps
+            _check_setting(key, value)
+            if key == "nprobe" and value > knobs[key][1]:
+                raise ValueError(
+                    f"index_params['nprobe'] must be in [1, {knobs[key][1]}], the nlist of the "
+                    f"fitted {self.faiss_class}; got {value!r}."
+                )
         return {k: int(v) for k, v in settings.items() if k in _SEARCH_KEYS}
 
     def search(
@@ -601,6 +725,65 @@ class KNNIndex:
             "ntotal": self.ntotal,
         }
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Return the fitted index as plain arrays (the class docstring lists them).
+
+        Raises
+        ------
+        ValueError
+            For an index kind without a plain-array form (such as ``"PCA8,HNSW8,Flat"``).
+        """
+        if self.index is None:
+            raise RuntimeError("The index is empty; call fit first.")
+        expected = _layout(self.spec, self.ntotal, self.dim)
+        layout, arrays = index_storage.arrays_of(self.index)
+        if layout != expected:
+            raise ValueError(
+                f"The fitted {self.faiss_class} has the layout {layout}, not the {expected} "
+                f"of index={self.spec.kind!r}."
+            )
+        return arrays
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: Mapping[str, np.ndarray],
+        spec: IndexSpec,
+        dim: int,
+        ntotal: int,
+        chunk_size: int = 16384,
+        seed: int = 0,
+    ) -> KNNIndex:
+        """Rebuild the index of :meth:`to_arrays`, checking every array before Faiss sees it.
+
+        Parameters
+        ----------
+        arrays : dict of str to ndarray
+            What :meth:`to_arrays` returned (the class docstring lists the names, dtypes
+            and shapes for each kind); nothing more, nothing less.
+        spec : IndexSpec
+            The spec the index was fitted with: it fixes the layout (``nlist``, ``pq_m``,
+            ``pq_nbits``, ``M``) and the search defaults.
+        dim, ntotal : int
+            Width and number of the indexed vectors.
+        chunk_size, seed
+            As in the constructor.
+
+        Raises
+        ------
+        ValueError
+            Naming the array and its problem: a missing or unexpected array, a dtype, a
+            shape, a size or id out of range, an id missing or repeated, a graph link to a
+            level the node lacks, a float that is not finite; or a kind without a
+            plain-array form.
+        """
+        index = index_storage.build(_layout(spec, ntotal, dim), arrays)
+        _set_search_defaults(index, spec.resolve(ntotal, dim))
+        _keep_ids(index)
+        knn = cls(spec, chunk_size, seed)
+        knn.index = index
+        return knn
+
     def to_bytes(self) -> np.ndarray:
         """Return the fitted index as ``faiss.serialize_index`` bytes (a uint8 array)."""
         return faiss.serialize_index(self.index)
@@ -609,8 +792,13 @@ class KNNIndex:
     def from_bytes(
         cls, blob: np.ndarray, spec: IndexSpec, faiss_class: str, dim: int, ntotal: int
     ) -> KNNIndex:
-        """Rebuild from :meth:`to_bytes`; check the class, width and size it must have."""
+        """Rebuild from :meth:`to_bytes`; check the class, width and size it must have.
+
+        The bytes pass :func:`check_serialized_sizes` before Faiss's reader sees them,
+        and the search defaults stored in them are replaced by those of ``spec``.
+        """
         knn = cls(spec)
+        check_serialized_sizes(blob)
         try:
             knn.index = faiss.deserialize_index(np.ascontiguousarray(blob, dtype=np.uint8))
         except RuntimeError as exc:
@@ -621,6 +809,7 @@ class KNNIndex:
                 f"the Faiss index is a {found[0]} of {found[2]} vectors of width {found[1]}; "
                 f"expected a {faiss_class} of {ntotal} vectors of width {dim}."
             )
+        _set_search_defaults(knn.index, spec.resolve(ntotal, dim))
         return knn
 
     def __getstate__(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from PIL import Image
 
@@ -128,6 +129,12 @@ def test_inputs_are_never_modified(rgb) -> None:
         ("images/", TypeError, "single path"),
         (Image.new("RGB", (4, 4)), TypeError, "single PIL image"),
         ({"a": 1}, TypeError, "unsupported type dict"),
+        (scipy.sparse.csr_matrix(np.eye(4)), TypeError, "sparse csr_matrix; sparse input is not"),
+        (scipy.sparse.coo_array(np.eye(4)), TypeError, "sparse coo_array; sparse input is not"),
+        (np.zeros((12, 1, 0)), ValueError, r"images of 1x0 pixels \(shape \(12, 1, 0\)\)"),
+        (np.zeros((2, 0, 8, 3), np.uint8), ValueError, "images of 0x8 pixels"),
+        (torch.zeros(2, 3, 8, 0), ValueError, "images of 8x0 pixels"),
+        ([np.zeros((0, 4)), np.zeros((0, 4))], ValueError, "images of 0x4 pixels"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(X, error, match) -> None:

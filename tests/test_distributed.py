@@ -16,13 +16,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import distributed_fit as worker
+import distributed_local
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from msc_detector import MSCDetector, distributed
 from msc_detector.augment import TwoViewAugment
@@ -154,3 +158,94 @@ def test_augmenting_a_part_gives_those_rows_of_the_whole_batch() -> None:
     part = augment(batch[2:4], torch.Generator().manual_seed(3), part=(2, 6))
     for got, expected in zip(part, whole, strict=True):
         torch.testing.assert_close(got, expected[2:4], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------ fitting alone inside a job
+
+
+@pytest.fixture(scope="module")
+def local_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Each rank's record from tests/distributed_local.py under torchrun (2 processes)."""
+    out = tmp_path_factory.mktemp("torchrun_local")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(ROOT / "tests" / "distributed_local.py"), str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [torch.load(out / f"local{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_a_fit_on_one_rank_alone_fails_quickly_and_names_the_way_to_fit_locally(
+    local_ranks: list[dict[str, Any]],
+) -> None:
+    record = local_ranks[0]
+    for attempt in ("before_group", "in_group"):  # torchrun's store, then the group's
+        message = record[attempt]
+        assert "Process 0 of 2 in a torch.distributed job called fit" in message
+        assert "process(es) 1 did not call fit" in message
+        assert "`with msc_detector.distributed.local():`" in message
+        assert "raise MSC_DETECTOR_JOIN_TIMEOUT (seconds; now 2)" in message
+        assert 2 <= record[f"{attempt}_seconds"] < 30  # not the group's 30 minutes
+    assert not record["group_after_failure"]
+
+
+def test_local_fits_inside_a_job_are_single_process_fits_and_joint_fits_go_on(
+    local_ranks: list[dict[str, Any]],
+) -> None:
+    for rank, record in enumerate(local_ranks):
+        assert record["local_cluster"] is None
+        # Each rank fitted its own images (21 and 20, which a joint fit refuses).
+        single = MSCDetector(**distributed_local.PARAMS).fit(worker.train_images()[rank:])
+        np.testing.assert_allclose(
+            record["local_scores"], single.score_samples(worker.test_images()), **TOLERANCE
+        )
+        # After the failed attempts, every rank's next joint fit met the others again.
+        np.testing.assert_array_equal(record["again_scores"], record["joint_scores"])
+    np.testing.assert_array_equal(local_ranks[1]["joint_scores"], local_ranks[0]["joint_scores"])
+    assert not np.array_equal(local_ranks[0]["local_scores"], local_ranks[1]["local_scores"])
+
+
+def test_local_keeps_fit_out_of_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: current() would create a group
+    assert not distributed.fits_locally()
+    with distributed.local():
+        assert distributed.fits_locally()
+        with distributed.local():
+            assert distributed.current() is None
+        assert distributed.fits_locally() and distributed.current() is None
+    assert not distributed.fits_locally() and not dist.is_initialized()
+
+
+def test_the_join_handshake_times_out_naming_the_absent_ranks_and_meets_again() -> None:
+    store = dist.HashStore()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"Process 0 of 3 .* process\(es\) 1, 2 did not call"):
+        distributed._handshake(store, 0, 3, timeout=0.5)
+    assert time.monotonic() - start < 10
+    # Rank 0 withdrew and did not count the attempt: the next fit of all three meets.
+    errors: list[BaseException] = []
+
+    def join(rank: int) -> None:
+        try:
+            distributed._handshake(store, rank, 3, timeout=60)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    for _ in range(2):  # two joint fits in a row
+        threads = [threading.Thread(target=join, args=(rank,)) for rank in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+
+
+def test_the_join_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert distributed._join_timeout(None) == distributed.JOIN_TIMEOUT == 60
+    monkeypatch.setenv("MSC_DETECTOR_JOIN_TIMEOUT", "2.5")
+    assert distributed._join_timeout(None) == 2.5 and distributed._join_timeout(7) == 7
+    monkeypatch.setenv("MSC_DETECTOR_JOIN_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="MSC_DETECTOR_JOIN_TIMEOUT='soon' must be a number"):
+        distributed._join_timeout(None)

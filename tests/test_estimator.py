@@ -466,9 +466,10 @@ def test_a_cuda_fitted_model_loads_on_a_cpu_with_a_warning(fitted, images, monke
     import json
 
     state = fitted.__getstate__()
-    metadata = json.loads(state["_model"]["metadata.json"])
+    members = state["_model"]["members"]
+    metadata = json.loads(members["metadata.json"])
     metadata["fitted"].update(device_="cuda:0", precision_="bf16")
-    state["_model"]["metadata.json"] = json.dumps(metadata).encode()
+    members["metadata.json"] = json.dumps(metadata).encode()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     restored = MSCDetector.__new__(MSCDetector)
     with pytest.warns(UserWarning, match="fitted on cuda:0.*loaded on the CPU"):
@@ -658,7 +659,7 @@ def test_a_pickle_and_a_model_file_land_by_the_same_rule(fitted, images, tmp_pat
     metadata = json.loads(members["metadata.json"])
     metadata["fitted"].update(device_="cuda:0", precision_="bf16")
     members["metadata.json"] = json.dumps(metadata).encode()
-    state = {**fitted.__getstate__(), "_model": members}
+    state = {**fitted.__getstate__(), "_model": {"members": members}}
     monkeypatch.setattr(persistence, "encode", lambda detector: members)
     fitted.save(tmp_path / "cuda.msc")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -800,19 +801,3 @@ def test_a_module_backbone_without_preprocess_fails_fit_saying_what_to_pass(imag
         MSCDetector(small_module()).fit(images)
     with pytest.raises(ValueError, match="feature_info"):
         MSCDetector(small_module(), preprocess=MODULE_PRE, frozen_stages=1).fit(images)
-
-
-def test_scikit_learn_can_collect_its_checks_and_knows_it_is_a_transformer_too() -> None:
-    """scikit-learn 1.9 refused to collect checks for an estimator with transform but no
-    transformer tags; its checks feed 2-D tables, which an image detector refuses, so it
-    skips them (the contract is tested directly in this module)."""
-    from sklearn.utils.estimator_checks import _yield_all_checks, check_estimator
-
-    det = MSCDetector(weights=None, image_size=32, epochs=0)
-    tags = get_tags(det)
-    assert tags.transformer_tags is not None and tags.transformer_tags.preserves_dtype
-    assert tags.input_tags.three_d_array and not tags.input_tags.two_d_array
-    with pytest.warns(UserWarning, match="requires input"):
-        assert list(_yield_all_checks(det, legacy=True)) == []
-    with pytest.warns(UserWarning, match="requires input"):
-        check_estimator(det, on_fail=None)

@@ -211,8 +211,8 @@ def test_the_training_sample_is_bounded_and_seeded(monkeypatch) -> None:
         ("ivf", {"nprob": 4}, "unknown setting 'nprob'"),
         ("hnsw", {"nlist": 4}, r"'nlist'\] does not apply to index='hnsw'"),
         ("flat", {"nprobe": 4}, "reads no settings"),
-        ("ivf", {"nlist": 0}, "positive int"),
-        ("ivf", {"nlist": True}, "positive int"),
+        ("ivf", {"nlist": 0}, r"must be an int in \[1, 16777216\]; got 0"),
+        ("ivf", {"nlist": True}, r"must be an int in \[1, 16777216\]; got True"),
         ("ivfpq", {"pq_m": 3}, "must divide the embedding width 8"),
         ("HNSW8,Flat", {"nprobe": 2}, "reads efSearch"),
         ("IDMap,Flat", {}, "cannot add"),
@@ -227,11 +227,67 @@ def test_search_settings_are_checked_against_the_fitted_index() -> None:
     index = KNNIndex(IndexSpec("hnsw", {"M": 4})).fit(clustered(100))
     with pytest.raises(ValueError, match=r"'nprobe'\] does not apply to the fitted IndexHNSWFlat"):
         index.search(clustered(3), 2, {"nprobe": 2})
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match=r"must be an int in \[1, 65536\]; got -1"):
         index.search(clustered(3), 2, {"efSearch": -1})
     with pytest.raises(ValueError, match="unknown setting"):
         index.check_settings({"ef": 3})
     assert index.check_settings({"M": 8, "efSearch": 3}) == {"efSearch": 3}  # build: next fit
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings", "problem"),
+    [
+        ("hnsw", {"efSearch": 2**31 - 1}, r"'efSearch'\] must be an int in \[1, 65536\]"),
+        ("hnsw", {"efSearch": 2**31}, r"'efSearch'\] must be an int in \[1, 65536\]"),
+        ("ivf", {"nprobe": 2**63}, r"'nprobe'\] must be an int in \[1, 16777216\]"),
+        ("ivf", {"nprobe": 17}, r"'nprobe'\] must be in \[1, 16\], the nlist of the fitted"),
+        ("ivf", {"nlist": 2**63}, r"'nlist'\] must be an int in \[1, 16777216\]"),
+    ],
+    ids=["efSearch-2**31-1", "efSearch-2**31", "nprobe-2**63", "nprobe-above-nlist", "nlist"],
+)
+def test_extreme_search_settings_are_refused_with_their_bounds(kind, settings, problem) -> None:
+    index = KNNIndex(IndexSpec(kind, {"nlist": 16} if kind == "ivf" else {"M": 4})).fit(
+        clustered(100)
+    )
+    with pytest.raises(ValueError, match=problem):
+        index.search(clustered(3), 2, settings)
+    np.testing.assert_array_equal(
+        index.search(clustered(3), 2)[1], index.search(clustered(3), 2)[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "problem"),
+    [
+        ("hnsw", {"M": 1}, r"'M'\] must be an int in \[2, 256\]; got 1"),  # Faiss crashes
+        ("HNSW1", {}, r"HNSW M outside \[2, 256\]"),
+        ("hnsw", {"efConstruction": 2**31}, r"'efConstruction'\] must be an int in \[1, 65536\]"),
+        ("ivf", {"nlist": 101}, "nlist=101 lists, which need at least 101 training vectors"),
+        ("ivf", {"nlist": 8, "train_size": 5}, "need at least 8 training vectors; there are 5"),
+        ("IVF200,Flat", {}, "need at least 200 training vectors; there are 100"),
+        ("ivf", {"nlist": 4, "nprobe": 5}, r"'nprobe'\] must be in \[1, 4\], the nlist of"),
+        ("IVF4,Flat", {"nprobe": 5}, r"'nprobe'\] must be in \[1, 4\], the nlist of"),
+        ("ivfpq", {"nlist": 1, "pq_nbits": 17}, r"'pq_nbits'\] must be an int in \[1, 16\]"),
+        ("ivfpq", {"nlist": 1, "pq_nbits": 7}, "needs at least 2\\*\\*pq_nbits = 128 training"),
+        ("ivfpq", {"train_size": 2**63}, r"'train_size'\] must be an int in \[1, 1099511627776\]"),
+    ],
+    ids=[
+        "M-1",
+        "factory-HNSW1",
+        "efConstruction-2**31",
+        "nlist-above-n",
+        "nlist-above-train_size",
+        "factory-nlist-above-n",
+        "nprobe-above-nlist",
+        "factory-nprobe-above-nlist",
+        "pq_nbits-17",
+        "pq_nbits-above-train_size",
+        "train_size-2**63",
+    ],
+)
+def test_extreme_build_settings_are_refused_before_faiss_sees_them(kind, params, problem) -> None:
+    with pytest.raises(ValueError, match=problem):
+        KNNIndex(IndexSpec(kind, params)).fit(clustered(100))
 
 
 def test_defaults_scale_with_the_bank() -> None:

@@ -63,6 +63,7 @@ def test_plain_knn_scores_are_the_detectors_without_fine_tuning(
         device="cpu",
         batch_size=8,
         random_state=0,
+        image_score="global",  # the oracle has the kNN score only
     ).fit(train)
     with torch.random.fork_rng(devices=[]):  # PlainMSC seeds torch's global generator
         plain = PlainMSC(
