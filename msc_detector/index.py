@@ -145,6 +145,13 @@ class IndexSpec:
         return self.kind == "flat"
 
     @property
+    def has_plain_form(self) -> bool:
+        """Whether :meth:`KNNIndex.to_arrays` can store this kind (model files then do)."""
+        return self.family != "factory" or any(
+            pattern.fullmatch(self.kind) for pattern, _ in _FACTORY_LAYOUTS
+        )
+
+    @property
     def trains(self) -> bool:
         """Whether building needs a training sample (all kinds but flat and hnsw)."""
         return self.family in ("ivf", "ivfpq", "factory")

@@ -22,6 +22,7 @@ KINDS = {
     "ivfpq": ({"nlist": 2, "pq_m": 16, "pq_nbits": 3}, "IndexIVFPQ"),
     "hnsw": ({"M": 8}, "IndexHNSWFlat"),
     "IVF4,SQ8": ({"nprobe": 2}, "IndexIVFScalarQuantizer"),
+    "PCA32,Flat": ({}, "IndexPreTransform"),  # no plain-array form: stored as Faiss bytes
 }
 
 
@@ -69,9 +70,14 @@ def test_an_approximate_index_fits_scores_pickles_saves_and_loads(kind, X, flat,
     assert agreement > (0.5 if kind == "ivfpq" else 0.9)  # 3-bit codes of 40 vectors: crude
     det.save(tmp_path / "m.msc")
     arrays = safetensors.numpy.load(members_of(tmp_path / "m.msc")["arrays.safetensors"])
-    assert "index_faiss" in arrays and "index_vectors" not in arrays
+    assert "index_vectors" not in arrays
+    stored = {name for name in arrays if name.startswith("index")}
+    if det.index_.spec.has_plain_form:  # Faiss's reader never sees the file's bytes
+        assert stored == {"index." + name for name in det.index_.to_arrays()}
+    else:
+        assert stored == {"index_faiss"}
     info = persistence.inspect(tmp_path / "m.msc")
-    assert info["format_version"] == 4 and info["index"]["faiss_class"] == faiss_class
+    assert info["format_version"] == 5 and info["index"]["faiss_class"] == faiss_class
     assert info["index"] == {"kind": kind, "params": params, "faiss_class": faiss_class} | {
         "dim": det.index_.dim,
         "ntotal": 40,
@@ -183,11 +189,50 @@ def test_a_flat_model_file_keeps_vectors_and_format_2_files_still_load(flat, X, 
     np.testing.assert_array_equal(old.score_samples(X[:8]), flat.score_samples(X[:8]))
 
 
-def test_a_model_file_with_a_damaged_or_mismatched_faiss_index_is_refused(X, tmp_path):
-    det = MSCDetector(index="ivf", index_params={"nlist": 4}, **FAST).fit(X)
-    det.save(tmp_path / "m.msc")
+@pytest.fixture(scope="module")
+def ivf(X) -> MSCDetector:
+    return MSCDetector(index="ivf", index_params={"nlist": 4}, **FAST).fit(X)
+
+
+def test_forged_plain_index_arrays_are_refused_before_faiss_sees_them(ivf, X, tmp_path):
+    ivf.save(tmp_path / "m.msc")
     members = members_of(tmp_path / "m.msc")
     arrays = safetensors.numpy.load(members["arrays.safetensors"])
+
+    def load(changed: dict[str, np.ndarray | None]) -> MSCDetector:
+        forged = {k: v for k, v in {**arrays, **changed}.items() if v is not None}
+        blob = safetensors.numpy.save(forged)
+        write_model(tmp_path / "bad.msc", {**members, "arrays.safetensors": blob}, 5)
+        return MSCDetector.load(tmp_path / "bad.msc")
+
+    np.testing.assert_array_equal(load({}).score_samples(X[:4]), ivf.score_samples(X[:4]))
+    sizes = arrays["index.list_sizes"].copy()
+    sizes[0] += 2**40  # a list that claims a terabyte of codes
+    with pytest.raises(ModelFileError, match="list_sizes"):
+        load({"index.list_sizes": sizes})
+    ids = arrays["index.ids"].copy()
+    ids[0] = ids[1]  # one vector listed twice, another never
+    with pytest.raises(ModelFileError, match="ids"):
+        load({"index.ids": ids})
+    with pytest.raises(ModelFileError, match="centroids"):
+        load({"index.centroids": np.full_like(arrays["index.centroids"], np.nan)})
+    # The Faiss bytes of format 4 in a format-5 file: refused, not parsed.
+    with pytest.raises(ModelFileError, match="lacks the arrays of its 'ivf' index"):
+        load(
+            {k: None for k in arrays if k.startswith("index.")}
+            | {"index_faiss": ivf.index_.to_bytes()}
+        )
+
+
+def test_a_format_4_faiss_index_is_size_checked_before_faiss_reads_it(ivf, X, tmp_path):
+    ivf.save(tmp_path / "m.msc")
+    members = members_of(tmp_path / "m.msc")
+    arrays = {  # as format 4 stored it: Faiss's bytes
+        k: v
+        for k, v in safetensors.numpy.load(members["arrays.safetensors"]).items()
+        if not k.startswith("index.")
+    }
+    arrays["index_faiss"] = ivf.index_.to_bytes()
     metadata = json.loads(members["metadata.json"])
 
     def variant(blob: np.ndarray, index: dict) -> Path:
@@ -196,10 +241,12 @@ def test_a_model_file_with_a_damaged_or_mismatched_faiss_index_is_refused(X, tmp
             "arrays.safetensors": safetensors.numpy.save({**arrays, "index_faiss": blob}),
             "metadata.json": json.dumps({**metadata, "index": index}).encode(),
         }
-        write_model(path, {**members, **changed}, 3)
+        write_model(path, {**members, **changed}, 4)
         return path
 
     blob, index = arrays["index_faiss"], metadata["index"]
+    old = MSCDetector.load(variant(blob, index))
+    np.testing.assert_array_equal(old.score_samples(X[:4]), ivf.score_samples(X[:4]))
     with pytest.raises(ModelFileError, match="expected a IndexHNSWFlat"):
         MSCDetector.load(variant(blob, {**index, "faiss_class": "IndexHNSWFlat"}))
     with pytest.raises(ModelFileError, match="only 2 bytes follow"):  # checked before Faiss

@@ -290,7 +290,7 @@ def test_inspect_verifies_without_importing_torch(model) -> None:
     result = json.loads(out)
     assert result["heavy"] == []
     assert result["info"]["fitted"]["n_train_"] == 24
-    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 4
+    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 5
 
 
 def test_inspect_returns_the_metadata(model) -> None:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["SavedModel", "decode", "encode", "json_params"]
 
 BACKBONE, PRETRAINED = "backbone.", "pretrained."  # key prefixes in NETWORKS
+INDEX_PREFIX = "index."  # an approximate index's plain arrays in ARRAYS (format 5)
 # Libraries whose version change can change scores or break loading (warned about).
 _CHECKED_VERSIONS = ("msc_detector", "torch", "timm", "faiss", "scikit-learn")
 
@@ -77,7 +78,9 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
     }
     if model.index.spec.exact:
         arrays["index_vectors"] = np.ascontiguousarray(model.index.vectors(), np.float32)
-    else:
+    elif model.index.spec.has_plain_form:
+        arrays.update({INDEX_PREFIX + k: v for k, v in model.index.to_arrays().items()})
+    else:  # pre-transforms, refinements, other quantizers: Faiss's bytes
         arrays["index_faiss"] = model.index.to_bytes()
     if model.train_paths is not None:
         joined = b"".join(os.fsencode(path) + b"\0" for path in model.train_paths)
@@ -271,7 +274,11 @@ def _saved_model(
 def _index(
     where: object, metadata: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 ) -> KNNIndex:
-    """Rebuild the index: from its vectors (flat), else from its checked Faiss bytes."""
+    """Rebuild the index from its vectors, its checked plain arrays, or its Faiss bytes.
+
+    Faiss bytes (formats 3 and 4, and kinds without a plain-array form) are size-checked
+    before Faiss's reader sees them.
+    """
     from msc_detector.index import IndexSpec, KNNIndex
 
     info = metadata.get("index") or {"kind": "flat", "params": {}}  # format 2: flat
@@ -279,11 +286,20 @@ def _index(
         spec = IndexSpec.from_dict(info)
         if spec.exact:
             return KNNIndex(spec).fit(arrays["index_vectors"])
+        plain = _index_arrays(arrays)
+        if plain:
+            return KNNIndex.from_arrays(plain, spec, info["dim"], info["ntotal"])
         return KNNIndex.from_bytes(
             arrays["index_faiss"], spec, info["faiss_class"], info["dim"], info["ntotal"]
         )
     except ValueError as exc:
         raise error(where, f"its index cannot be rebuilt: {exc}") from exc
+
+
+def _index_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return an approximate index's plain arrays, by the names ``KNNIndex`` gives them."""
+    size = len(INDEX_PREFIX)
+    return {k[size:]: v for k, v in arrays.items() if k.startswith(INDEX_PREFIX)}
 
 
 def _split_paths(joined: np.ndarray) -> list[str]:
@@ -324,11 +340,7 @@ def metadata_and_arrays(
     index = metadata.get("index", {"kind": "flat", "dim": dim, "ntotal": n})
     if index["kind"] != "flat":
         del expected["index_vectors"]
-        blob = arrays.get("index_faiss")
-        expected["index_faiss"] = (
-            "uint8",
-            blob.shape if blob is not None and blob.ndim == 1 else (-1,),
-        )
+        expected.update(_approximate_index_expected(where, index, arrays, version))
     if "train_paths" in found:
         paths = arrays["train_paths"]
         expected["train_paths"] = ("uint8", paths.shape)
@@ -363,6 +375,29 @@ def metadata_and_arrays(
     if infinite := [name for name, array in arrays.items() if not np.isfinite(array).all()]:
         raise error(where, f"{ARRAYS} holds non-finite values in {infinite}.")
     return metadata, arrays
+
+
+def _approximate_index_expected(
+    where: object, index: Mapping[str, Any], arrays: Mapping[str, np.ndarray], version: int
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Return the names, dtypes and shapes of an approximate index's arrays.
+
+    From format 5, a kind with a plain-array form has its plain arrays (each checked when
+    the index is rebuilt) and never Faiss bytes; otherwise the bytes, one uint8 array.
+    """
+    from msc_detector.index import IndexSpec
+
+    try:
+        plain_form = version >= 5 and IndexSpec.from_dict(index).has_plain_form
+    except ValueError as exc:
+        raise error(where, f"{METADATA} describes an index that cannot be built: {exc}") from exc
+    if plain_form:
+        names = [name for name in arrays if name.startswith(INDEX_PREFIX)]
+        if not names:
+            raise error(where, f"{ARRAYS} lacks the arrays of its {index['kind']!r} index.")
+        return {name: (str(arrays[name].dtype), arrays[name].shape) for name in names}
+    blob = arrays.get("index_faiss")
+    return {"index_faiss": ("uint8", blob.shape if blob is not None and blob.ndim == 1 else (-1,))}
 
 
 def _patch_arrays_expected(

@@ -11,9 +11,9 @@ __all__ = ["FITTED", "FORMAT_VERSION", "METADATA_SCHEMA", "READABLE_VERSIONS", "
 
 FORMAT_NAME = "msc-detector-model"
 #: The model-file format this code writes, and the newest it reads.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: Every format version this code reads.
-READABLE_VERSIONS = (2, 3, 4)
+READABLE_VERSIONS = (2, 3, 4, 5)
 MANIFEST, METADATA = "manifest.json", "metadata.json"
 ARRAYS, NETWORKS = "arrays.safetensors", "networks.safetensors"
 MEMBERS = (MANIFEST, METADATA, ARRAYS, NETWORKS)
