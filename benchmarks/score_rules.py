@@ -103,10 +103,8 @@ def load_set(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if kind in SURFACE:
         from benchmarks.defects import build
 
-        if kind == "defects":
-            data = build(which)
-        else:  # the setting of the "unseen photos" check: 160-pixel crops
-            data = build(which, _photo(which), size=160)
+        # the setting of the "unseen photos" check: 160-pixel crops
+        data = build(which) if kind == "defects" else build(which, _photo(which), size=160)
         return data.train, data.test, data.labels.astype(bool)
     if kind == "lfw":
         import skimage.data
@@ -191,7 +189,8 @@ def render(rows: dict[str, dict[str, float]], command: str) -> str:
         sem = np.mean([rows[n][rule] for n in semantic]) if semantic else np.nan
         sur = np.mean([rows[n][rule] for n in surface]) if surface else np.nan
         both = np.nanmean([sem, sur])
-        lines.append(f"| {rule} | " + " | ".join(cells) + f" | {sem:.2f} | {sur:.2f} | {both:.2f} |")
+        means = f"{sem:.2f} | {sur:.2f} | {both:.2f}"
+        lines.append(f"| {rule} | " + " | ".join(cells) + f" | {means} |")
     return "\n".join(lines) + "\n"
 
 
