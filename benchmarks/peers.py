@@ -416,8 +416,8 @@ def run_msc_scores(
     with Clock() as fit:
         det = MSCDetector(**(msc_params(args) | {"image_score": "combined"})).fit(data["train"])
     with Clock() as score:
-        det.score_samples(data["test"])  # the combined score's own cost
-    scores = three_scores(det, data["test"])  # all three from the same fit
+        combined = det.score_samples(data["test"])  # the combined score's own cost
+    scores = three_scores(det, data["test"], combined)  # all three from the same fit
     maps = _our_maps(det, data)
     rows = {}
     for name, anomaly in scores.items():
