@@ -596,6 +596,5 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.input_tags.string = True  # lists of file paths
         tags.input_tags.allow_nan = False
-        # transform gives embeddings: scikit-learn's checks need the tag (float32 always).
-        tags.transformer_tags = TransformerTags(preserves_dtype=[])
+        tags.transformer_tags = TransformerTags(preserves_dtype=[])  # embeddings: float32
         return tags

@@ -36,17 +36,22 @@ ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
+def torchrun_two(script: str, out: Path, timeout: float) -> None:
+    """Run ``tests/<script> <out>`` under torchrun in two CPU processes; fail on an error."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(ROOT / "tests" / script), str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
     """Each rank's record from one two-process run, and the run's output folder."""
     out = tmp_path_factory.mktemp("torchrun")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        str(ROOT / "tests" / "distributed_fit.py"), str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun_two("distributed_fit.py", out, timeout=300)
     records = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return records, out
 
@@ -167,13 +172,7 @@ def test_augmenting_a_part_gives_those_rows_of_the_whole_batch() -> None:
 def local_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Each rank's record from tests/distributed_local.py under torchrun (2 processes)."""
     out = tmp_path_factory.mktemp("torchrun_local")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        str(ROOT / "tests" / "distributed_local.py"), str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun_two("distributed_local.py", out, timeout=240)
     return [torch.load(out / f"local{r}.pt", weights_only=False) for r in range(2)]
 
 
