@@ -6,16 +6,19 @@ The steps, each over torch, Faiss and numpy objects (no scikit-learn here):
 2. embed the training images with the pretrained network for the MSC centre (and,
    once, through the networks of the views that are never trained);
 3. fine-tune (:func:`msc_detector.training.fine_tune`);
-4. **pass 1**: one run of every training image through the fine-tuned network gives its
-   final embedding and its patch embeddings, which stream into the coreset of the patch
-   bank;
+4. **the pass**: one run of every training image through the fine-tuned network gives
+   its final embedding and its patch embeddings, which stream into the coreset of the
+   patch bank;
 5. index the embeddings; their leave-self-out kNN distances are the global anomalies;
-6. **pass 2**: the leave-one-image-out patch distances of the training images give the
-   bank's per-position baseline and the patch anomalies (every image where the score
-   uses patches, else the 256 images the baseline needs);
+6. the leave-one-image-out patch distances of the training images, against the finished
+   bank, give its per-position baseline and the patch anomalies (every image where the
+   score uses patches, else the 256 images the baseline needs);
 7. calibrate the :class:`~msc_detector.verdict.ScoreRule` on those anomalies.
 
-So after training every image goes through the network twice (once without a bank).
+So after training every image goes through the network once: step 6 searches the patch
+embeddings kept from the pass (float32, :data:`KEPT_PATCH_BYTES` at most, 477 KB per
+224-pixel image with the default stages). Where they would need more, step 6 runs those
+images through the network a second time instead.
 In a multi-process job (see :mod:`msc_detector.distributed`) each rank embeds its share
 for the centre and trains on its share; every rank runs both passes over all images and
 builds the same model.
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from numbers import Integral
 from typing import Any
@@ -54,6 +57,9 @@ logger = logging.getLogger(__name__)
 AUTO_PATCH_MEMORY = 16384
 # Training images resized once and kept in memory up to this size (uint8 bytes).
 _CACHE_BYTES = 3 * 2**30
+#: Bytes of patch embeddings the fit keeps from its pass for the leave-one-image-out
+#: distances (float32); beyond them it runs the images through the network again.
+KEPT_PATCH_BYTES = 3 * 2**30
 # Training images whose leave-self-out patch distances set the bank's baseline.
 _BASELINE_IMAGES = 256
 _DIVERGED = (
@@ -221,9 +227,10 @@ def fit_model(
         )
         if not all(bool(torch.isfinite(p).all()) for p in network.parameters()):
             raise FloatingPointError(_DIVERGED.format(what="network weights"))
-    # Pass 1: final embeddings and patch embeddings of every image, in one network call.
+    # The pass: final embeddings and patch embeddings of every image, in one network call.
     logger.info("Embedding %d training images%s", len(images), " and patches" if stages else "")
     coreset, grid = None, (0, 0)
+    kept = KeptPatches(_distance_order(settings, len(images)), KEPT_PATCH_BYTES)
     parts: list[np.ndarray] = []
     first = 0
     for batch in images.batches(settings.batch_size):
@@ -232,6 +239,7 @@ def fit_model(
         if patches is not None:
             coreset = _add_patches(coreset, patches, first, len(images), settings, seed)
             grid = (patches.shape[1], patches.shape[2])
+            kept.add(first, patches)
         first += len(batch)
     own = np.concatenate(parts)
     if not settings.trains:
@@ -239,7 +247,7 @@ def fit_model(
     index, global_train = _global_index(join_views([own, *fixed]), settings, gpu)
     scorer, patch_train = None, None
     if coreset is not None:
-        scorer, patch_train = _patch_bank(coreset, grid, stages, embedder, images, settings)
+        scorer, patch_train = _patch_bank(coreset, grid, stages, embedder, images, settings, kept)
     rule = ScoreRule.calibrate(
         settings.image_score if scorer else "global", global_train, patch_train
     )
@@ -316,6 +324,62 @@ def _add_patches(
     return coreset
 
 
+def _distance_order(settings: FitSettings, n: int) -> np.ndarray:
+    """Return the training images whose leave-one-image-out patch distances are needed."""
+    if settings.image_score != "global":  # the score uses every image's patch anomaly
+        return np.arange(n)
+    return _baseline_sample(n)
+
+
+def _baseline_sample(n: int) -> np.ndarray:
+    """Return the images, spread over the training set, whose distances set the baseline."""
+    return np.unique(np.linspace(0, n - 1, _BASELINE_IMAGES).round()).astype(np.int64)
+
+
+class KeptPatches:
+    """The patch embeddings of the fit's pass that its patch distances need, within a budget.
+
+    Parameters
+    ----------
+    order : ndarray of int
+        The images whose patches are kept, increasing.
+    budget : int
+        Bytes they may take; more, and none are kept (the images are run again).
+    """
+
+    def __init__(self, order: np.ndarray, budget: int) -> None:
+        self.order = order
+        self.budget = budget
+        self.patches: np.ndarray | None = None
+        self.over_budget = False
+
+    def add(self, first: int, patches: torch.Tensor) -> None:
+        """Keep those of the images ``first, first + 1, ...`` of ``patches`` in the order."""
+        if self.over_budget:
+            return
+        b, h, w, d = patches.shape
+        if self.patches is None:
+            if len(self.order) * h * w * d * 4 > self.budget:
+                self.over_budget = True
+                return
+            self.patches = np.empty((len(self.order), h, w, d), np.float32)
+        low, high = np.searchsorted(self.order, [first, first + b])
+        self.patches[low:high] = patches.numpy()[self.order[low:high] - first]
+
+    def batches(
+        self, batch_size: int, embedder: Embedder, images: ResizedImages, stages: tuple[str, ...]
+    ) -> Iterator[torch.Tensor]:
+        """Yield the patch embeddings of the images in the order, kept or computed again."""
+        if self.patches is not None:
+            for start in range(0, len(self.order), batch_size):
+                yield torch.from_numpy(self.patches[start : start + batch_size])
+            return
+        for batch in images.batches(batch_size, order=self.order):
+            _, patches = embedder.run(0, batch, stages)
+            assert patches is not None
+            yield patches
+
+
 def _patch_bank(
     coreset: StreamingCoreset,
     grid: tuple[int, int],
@@ -323,27 +387,25 @@ def _patch_bank(
     embedder: Embedder,
     images: ResizedImages,
     settings: FitSettings,
+    kept: KeptPatches,
 ) -> tuple[PatchScorer, np.ndarray | None]:
-    """Pass 2: the bank's baseline and, where the score uses them, the patch anomalies."""
+    """Build the bank and its baseline; also the patch anomalies where the score uses them."""
     vectors, tags = coreset.result()
     n = len(images)
     scorer = PatchScorer(PatchIndex(vectors.numpy(), tags[:, 0], tags[:, 1:], grid), stages)
     # Patches near the border have fewer look-alikes than inner ones (the padding makes
     # each position its own kind), so their nearest distances run higher: the map shows
     # each distance above the typical one at its position.
-    sample = np.unique(np.linspace(0, n - 1, _BASELINE_IMAGES).round()).astype(np.int64)
-    needs_all = settings.image_score != "global"
-    order = np.arange(n) if needs_all else sample
+    sample, order = _baseline_sample(n), kept.order
     raw = np.empty((len(order), *scorer.bank.grid), np.float32)
     done = 0
-    for batch in images.batches(settings.batch_size, order=order):
-        _, patches = embedder.run(0, batch, stages)
-        assert patches is not None
-        owners = order[done : done + len(batch)]
-        raw[done : done + len(batch)] = scorer.raw_distances(patches, owners)[0]
-        done += len(batch)
+    for patches in kept.batches(settings.batch_size, embedder, images, stages):
+        owners = order[done : done + len(patches)]
+        raw[done : done + len(patches)] = scorer.raw_distances(patches, owners)[0]
+        done += len(patches)
+    kept.patches = None  # free them before the index and rule are built
     scorer.bank.baseline = raw[np.searchsorted(order, sample)].mean(axis=0)
-    if not needs_all:
+    if settings.image_score == "global":  # the patch anomalies are not needed
         return scorer, None
     size = embedder.image_size
     patch_train = np.concatenate(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from msc_detector import MSCDetector, persistence
+from msc_detector import MSCDetector, fitting, persistence
 from msc_detector.data import ArraySource
 from msc_detector.embedding import Embedder
 from msc_detector.verdict import ScoreRule
@@ -102,7 +102,8 @@ def test_scoring_decodes_each_image_once_and_calls_the_network_once_per_batch(
     np.testing.assert_array_equal(np.stack(explained.maps()), det.anomaly_map(images))
 
 
-def test_fit_runs_the_images_through_the_trained_network_twice(before, monkeypatch) -> None:
+def test_fit_runs_the_images_through_the_trained_network_once(before, monkeypatch) -> None:
+    """The patch distances search the pass's kept patches; past the budget, a second run."""
     runs: list[int] = []
     run = Embedder.run
     monkeypatch.setattr(
@@ -112,8 +113,15 @@ def test_fit_runs_the_images_through_the_trained_network_twice(before, monkeypat
             runs.append(len(batch)) or run(self, view, batch, stages)
         ),
     )
-    MSCDetector(**BEFORE_PARAMS, loss=None).fit(before["train"])  # no training: no centre pass
-    assert sum(runs) == 2 * len(before["train"])
+    n = len(before["train"])
+    kept = MSCDetector(**BEFORE_PARAMS, loss=None).fit(before["train"])  # no centre pass
+    assert sum(runs) == n
+    runs.clear()
+    monkeypatch.setattr(fitting, "KEPT_PATCH_BYTES", 0)
+    again = MSCDetector(**BEFORE_PARAMS, loss=None).fit(before["train"])
+    assert sum(runs) == 2 * n
+    np.testing.assert_array_equal(kept.train_scores_, again.train_scores_)
+    np.testing.assert_array_equal(kept.patch_bank_.baseline, again.patch_bank_.baseline)
 
 
 # ------------------------------------------------------------ the calibrated score
