@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,14 +30,18 @@ import faiss
 import numpy as np
 
 from msc_detector import index_storage
+from msc_detector.index_kinds import (
+    ARRAY_KINDS_TEXT,
+    FACTORY_LAYOUTS,
+    INDEX_KINDS,
+    has_plain_form,
+)
 from msc_detector.index_storage import Layout, check_serialized_sizes
 
 __all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "PatchIndex", "check_serialized_sizes"]
 
 logger = logging.getLogger(__name__)
 
-#: The named index kinds; any other string is read as a Faiss ``index_factory`` string.
-INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 _SEARCH_KEYS = ("nprobe", "efSearch")
 # The settings each kind reads; a factory string reads train_size and the search settings
 # that its index has (checked when it is built).
@@ -147,9 +150,7 @@ class IndexSpec:
     @property
     def has_plain_form(self) -> bool:
         """Whether :meth:`KNNIndex.to_arrays` can store this kind (model files then do)."""
-        return self.family != "factory" or any(
-            pattern.fullmatch(self.kind) for pattern, _ in _FACTORY_LAYOUTS
-        )
+        return has_plain_form(self.kind)
 
     @property
     def trains(self) -> bool:
@@ -286,20 +287,6 @@ def _set_search_defaults(index: Any, settings: Mapping[str, int]) -> None:
         hnsw.hnsw.efConstruction = settings.get("efConstruction", _EF_CONSTRUCTION)
 
 
-# Factory strings with a plain-array form (index_storage), and how to read their layout.
-_FACTORY_LAYOUTS = (
-    (re.compile(r"Flat"), "flat"),
-    (re.compile(r"IVF(?P<nlist>\d+),Flat"), "ivf"),
-    (re.compile(r"IVF(?P<nlist>\d+),PQ(?P<pq_m>\d+)(?:x(?P<pq_nbits>\d+))?"), "ivfpq"),
-    (re.compile(r"IVF(?P<nlist>\d+),SQ(?P<sq>4|6|8|fp16|bf16)"), "ivfsq"),
-    (re.compile(r"HNSW(?P<M>\d+)(?:,Flat)?"), "hnsw"),
-)
-_ARRAY_KINDS_TEXT = (
-    "'flat', 'ivf', 'ivfpq', 'hnsw' and the factory strings 'Flat', 'IVF<nlist>,Flat', "
-    "'IVF<nlist>,PQ<m>x<nbits>', 'IVF<nlist>,SQ<4|6|8|fp16|bf16>' and 'HNSW<M>,Flat'"
-)
-
-
 def _layout(spec: IndexSpec, ntotal: int, dim: int) -> Layout:
     """Return the plain-array layout of ``spec`` for ``ntotal`` vectors of ``dim``."""
     if spec.family != "factory":
@@ -313,7 +300,7 @@ def _layout(spec: IndexSpec, ntotal: int, dim: int) -> Layout:
             pq_nbits=s.get("pq_nbits", 0),
             M=s.get("M", 0),
         )
-    for pattern, structure in _FACTORY_LAYOUTS:
+    for pattern, structure in FACTORY_LAYOUTS:
         if match := pattern.fullmatch(spec.kind):
             found = match.groupdict()
             numbers = {k: int(v) for k, v in found.items() if k != "sq" and v is not None}
@@ -322,7 +309,7 @@ def _layout(spec: IndexSpec, ntotal: int, dim: int) -> Layout:
             return Layout(structure, dim, ntotal, sq=found.get("sq") or "", **numbers)
     raise ValueError(
         f"index={spec.kind!r} has no plain-array form; the kinds that have one are "
-        f"{_ARRAY_KINDS_TEXT}."
+        f"{ARRAY_KINDS_TEXT}."
     )
 
 

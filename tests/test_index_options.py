@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -78,6 +80,16 @@ def test_an_approximate_index_fits_scores_pickles_saves_and_loads(kind, X, flat,
         assert stored == {"index_faiss"}
     info = persistence.inspect(tmp_path / "m.msc")
     assert info["format_version"] == 5 and info["index"]["faiss_class"] == faiss_class
+    if kind == "hnsw":  # inspect reads the arrays' description without Faiss
+        code = (
+            "import sys, msc_detector; msc_detector.inspect(sys.argv[1]); "
+            "print(sorted(m for m in ('faiss', 'torch') if m in sys.modules))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "m.msc")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert done.stdout.strip() == "[]"
     assert info["index"] == {"kind": kind, "params": params, "faiss_class": faiss_class} | {
         "dim": det.index_.dim,
         "ntotal": 40,
