@@ -20,8 +20,8 @@ embeddings kept from the pass (float32, :data:`KEPT_PATCH_BYTES` at most, 477 KB
 224-pixel image with the default stages). Where they would need more, step 6 runs those
 images through the network a second time instead.
 In a multi-process job (see :mod:`msc_detector.distributed`) each rank embeds its share
-for the centre and trains on its share; every rank runs both passes over all images and
-builds the same model.
+for the centre and trains on its share; every rank runs the pass and step 6 over all
+images and builds the same model.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from msc_detector.runtime import Runtime
 from msc_detector.training import TrainConfig, fine_tune, mean_center
 from msc_detector.verdict import ScoreRule
 
-__all__ = ["AUTO_PATCH_MEMORY", "FitSettings", "fit_model"]
+__all__ = ["AUTO_PATCH_MEMORY", "KEPT_PATCH_BYTES", "FitSettings", "KeptPatches", "fit_model"]
 
 logger = logging.getLogger(__name__)
 
