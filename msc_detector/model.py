@@ -440,50 +440,42 @@ class FittedViews:
     @property
     def embedder_(self) -> Embedder:
         """The embedder: views, networks, preprocessing, runtime."""
-        m = self._fitted_model()
-        return m.embedder
+        return self._fitted_model().embedder
 
     @property
     def index_(self) -> KNNIndex:
         """The kNN index of the training embeddings."""
-        m = self._fitted_model()
-        return m.index
+        return self._fitted_model().index
 
     @property
     def center_(self) -> np.ndarray:
         """The MSC centre."""
-        m = self._fitted_model()
-        return m.center
+        return self._fitted_model().center
 
     @property
     def train_scores_(self) -> np.ndarray:
         """Leave-self-out ``score_samples`` of the training images."""
-        m = self._fitted_model()
-        return m.rule.train_scores
+        return self._fitted_model().rule.train_scores
 
     @property
     def history_(self) -> list[dict[str, Any]]:
         """Per-epoch training figures."""
-        m = self._fitted_model()
-        return m.history
+        return self._fitted_model().history
 
     @property
     def weights_source_(self) -> str:
         """Where the initial weights came from."""
-        m = self._fitted_model()
-        return m.weights_source
+        return self._fitted_model().weights_source
 
     @property
     def n_train_(self) -> int:
         """Number of training images."""
-        m = self._fitted_model()
-        return m.n_train
+        return self._fitted_model().n_train
 
     @property
     def train_paths_(self) -> list[str] | None:
         """The training files, where fit was given paths."""
-        m = self._fitted_model()
-        return m.train_paths
+        return self._fitted_model().train_paths
 
     @property
     def patch_bank_(self) -> PatchIndex | None:
@@ -500,74 +492,62 @@ class FittedViews:
     @property
     def image_score_(self) -> str:
         """The image score ``fit`` calibrated."""
-        m = self._fitted_model()
-        return m.rule.mode
+        return self._fitted_model().rule.mode
 
     @property
     def score_locations_(self) -> tuple[float, float]:
         """Locations of the global and patch anomalies."""
-        m = self._fitted_model()
-        return m.rule.locations
+        return self._fitted_model().rule.locations
 
     @property
     def score_scales_(self) -> tuple[float, float]:
         """Scales of the global and patch anomalies."""
-        m = self._fitted_model()
-        return m.rule.scales
+        return self._fitted_model().rule.scales
 
     @property
     def backbone_(self) -> nn.Module:
         """The fine-tuned network."""
-        m = self._fitted_model()
-        return m.embedder.views[0].network
+        return self._fitted_model().embedder.views[0].network
 
     @property
     def pretrained_backbone_(self) -> nn.Module | None:
         """The pretrained network of the nearest view, if any."""
-        m = self._fitted_model()
-        return m.networks()[1]
+        return self._fitted_model().networks()[1]
 
     @property
     def backbone_spec_(self) -> BackboneSpec:
         """Architecture, preprocessing and frozen stages."""
-        m = self._fitted_model()
-        return m.embedder.spec
+        return self._fitted_model().embedder.spec
 
     @property
     def device_(self) -> torch.device:
         """Device of the networks."""
-        m = self._fitted_model()
-        return m.embedder.runtime.device
+        return self._fitted_model().embedder.runtime.device
 
     @property
     def precision_(self) -> Precision:
         """Autocast set-up of the networks."""
-        m = self._fitted_model()
-        return m.embedder.runtime.precision
+        return self._fitted_model().embedder.runtime.precision
 
     @property
     def image_size_(self) -> int:
         """Network input side."""
-        m = self._fitted_model()
-        return m.embedder.image_size
+        return self._fitted_model().embedder.image_size
 
     @property
     def crop_pct_(self) -> float:
         """Evaluation crop share."""
-        m = self._fitted_model()
-        return m.embedder.crop_pct
+        return self._fitted_model().embedder.crop_pct
 
     @property
     def flip_average_(self) -> bool:
         """Whether embeddings average each image with its mirror."""
-        m = self._fitted_model()
-        return m.embedder.flip_average
+        return self._fitted_model().embedder.flip_average
 
     @property
     def nearest_view_(self) -> bool:
         """Whether embeddings join a nearest-neighbour view."""
-        m = self._fitted_model()
-        return len(m.embedder.views) > 1
+        return len(self._fitted_model().embedder.views) > 1
 
 
 @dataclass(frozen=True)
