@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -59,3 +64,19 @@ def small_module(width: int = 16) -> torch.nn.Module:
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
     )
+
+
+def write_model(path: Path, members: dict[str, bytes], version: int) -> None:
+    """Write payload members as a model file of ``version``, with a manifest that matches."""
+    from msc_detector import persistence
+
+    listed = {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in members.items()
+        if name != "manifest.json"
+    }
+    manifest = {"format": "msc-detector-model", "format_version": version, "members": listed}
+    members = {**members, "manifest.json": json.dumps(manifest).encode()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in persistence.MEMBERS:
+            archive.writestr(name, members[name])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MODULE_PRE, small_module
+from conftest import MODULE_PRE, small_module, write_model
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -299,17 +299,7 @@ def test_a_format_2_file_loads_without_a_patch_bank(fitted, tmp_path) -> None:
     members.update(
         {"arrays.safetensors": save(arrays), "metadata.json": json.dumps(metadata).encode()}
     )
-    import hashlib
-    import zipfile
-
-    listed = {
-        n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in members.items()
-    }
-    manifest = {"format": "msc-detector-model", "format_version": 2, "members": listed}
-    with zipfile.ZipFile(tmp_path / "old.msc", "w") as archive:
-        archive.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            archive.writestr(name, data)
+    write_model(tmp_path / "old.msc", members, 2)
     old = MSCDetector.load(tmp_path / "old.msc")
     assert old.patch_bank_ is None and old.patch_memory is None and old.image_score_ == "global"
     np.testing.assert_array_equal(old.score_samples(images), det.score_samples(images))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import write_model
 
 from msc_detector import ModelFileError, MSCDetector, persistence
 
@@ -41,20 +41,6 @@ def flat(X) -> MSCDetector:
 def members_of(path: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(path) as archive:
         return {info.filename: archive.read(info) for info in archive.infolist()}
-
-
-def write_model(path: Path, members: dict[str, bytes], version: int) -> None:
-    """Write members as a model file with a manifest that matches them."""
-    listed = {
-        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        for name, data in members.items()
-        if name != "manifest.json"
-    }
-    manifest = {"format": "msc-detector-model", "format_version": version, "members": listed}
-    members = {**members, "manifest.json": json.dumps(manifest).encode()}
-    with zipfile.ZipFile(path, "w") as archive:
-        for name in persistence.MEMBERS:
-            archive.writestr(name, members[name])
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

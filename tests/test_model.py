@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_model
 
 from msc_detector import MSCDetector, fitting, persistence
 from msc_detector.data import ArraySource
@@ -210,14 +209,7 @@ def test_a_format_3_file_loads_with_its_old_combined_score(
     metadata = json.loads(members["metadata.json"])
     del metadata["fitted"]["score_locations_"]  # format 3: an uncentred sum
     members["metadata.json"] = json.dumps(metadata).encode()
-    listed = {
-        n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in members.items()
-    }
-    manifest = {"format": "msc-detector-model", "format_version": 3, "members": listed}
-    with zipfile.ZipFile(tmp_path / "old.msc", "w") as archive:
-        archive.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            archive.writestr(name, data)
+    write_model(tmp_path / "old.msc", members, 3)
     old = MSCDetector.load(tmp_path / "old.msc")
     assert old.score_locations_ == (0.0, 0.0) and old.score_scales_ == det.score_scales_
     shift = sum(loc / s for loc, s in zip(det.score_locations_, det.score_scales_, strict=True))
