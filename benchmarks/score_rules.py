@@ -155,16 +155,29 @@ def load_set(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return train, x_test, y_test != label
 
 
-def components(name: str) -> dict[str, np.ndarray]:
-    """The four score arrays of a set and its labels, from the cache or one fit."""
-    path = CACHE / f"{name.replace(':', '_')}.npz"
+def _cache(params: dict[str, Any]) -> Path:
+    """The folder of the cached arrays of the detectors fitted with ``params``."""
+    if not params:
+        return CACHE
+    return CACHE / "_".join(f"{key}-{value}" for key, value in sorted(params.items()))
+
+
+def components(name: str, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """The four score arrays of a set and its labels, from the cache or one fit.
+
+    ``params`` are given to the detector beside ``random_state=0``; each set of them
+    has its own cache folder.
+    """
+    params = dict(params or {})
+    folder = _cache(params)
+    path = folder / f"{name.replace(':', '_')}.npz"
     if path.exists():
         return dict(np.load(path))
     from msc_detector import MSCDetector
 
     train, test, is_anomaly = load_set(name)
     start = time.perf_counter()
-    det = MSCDetector(random_state=0, image_score="combined").fit(train)
+    det = MSCDetector(random_state=0, **{"image_score": "combined", **params}).fit(train)
     fit_seconds = time.perf_counter() - start
     sq, _ = det.index_.search_leave_self_out(det.n_neighbors)
     global_train = sq.sum(axis=1, dtype=np.float64)
@@ -181,7 +194,7 @@ def components(name: str) -> dict[str, np.ndarray]:
         "is_anomaly": is_anomaly,
         "fit_seconds": np.float64(fit_seconds),
     }
-    CACHE.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return arrays
 
@@ -202,7 +215,8 @@ def render(rows: dict[str, dict[str, float]], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        "Each set: one fit of the default detector with `image_score='combined'` (seed 0); "
+        "Each set: one fit of the detector (the default, with any parameters the command "
+        "gives) with `image_score='combined'` (seed 0); "
         "every rule is calibrated on the leave-self-out training scores only.",
         "",
         "| rule | " + " | ".join(names) + " | semantic mean | surface mean | mean of both |",
@@ -220,19 +234,37 @@ def render(rows: dict[str, dict[str, float]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _parse_param(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--params takes KEY=VALUE; got {item!r}")
+    try:
+        return key, json.loads(text)
+    except json.JSONDecodeError:
+        return key, text
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sets", nargs="+", required=True, help="kind:which, e.g. defects:grass")
     p.add_argument("--name", default="score_rules")
+    p.add_argument(
+        "--params",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="detector parameters (JSON values, else strings), e.g. patch_memory=4096",
+    )
     args = p.parse_args(argv)
+    params = dict(_parse_param(item) for item in args.params)
     command = shlex.join(["python", "-m", "benchmarks.score_rules", *(argv or sys.argv[1:])])
     rows: dict[str, dict[str, float]] = {}
     for name in args.sets:
-        rows[name] = evaluate(components(name))
+        rows[name] = evaluate(components(name, params))
         print(name, {k: round(v, 2) for k, v in rows[name].items()}, flush=True)
     table = render(rows, command)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"command": command, "machine": machine(), "rows": rows}
+    out = {"command": command, "params": params, "machine": machine(), "rows": rows}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     (RESULTS / f"{args.name}.md").write_text(table)
     print(table)

@@ -649,9 +649,11 @@ class KNNIndex:
             if exclude is not None:
                 valid &= i != exclude[todo, None]
             full = valid.sum(axis=1) >= k
-            for row in np.flatnonzero(full):
-                keep = np.flatnonzero(valid[row])[:k]
-                out_d[todo[row]], out_i[todo[row]] = d[row, keep], i[row, keep]
+            rows = np.flatnonzero(full)
+            # The first k valid columns of each full row, in their order.
+            keep = np.argsort(~valid[rows], axis=1, kind="stable")[:, :k]
+            out_d[todo[rows]] = np.take_along_axis(d[rows], keep, axis=1)
+            out_i[todo[rows]] = np.take_along_axis(i[rows], keep, axis=1)
             todo = todo[~full]
             if not len(todo):
                 return out_d, out_i
