@@ -332,21 +332,21 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
             )
         return int(k)
 
-    def _evidence(self, X: Any, k: int = 0, patches: bool = False) -> Iterator[Evidence]:
+    def _evidence(
+        self, X: Any, k: int = 0, patches: bool = False, maps: bool = False
+    ) -> Iterator[Evidence]:
         """One pass over ``X`` with the detector's search settings and batch size."""
         check_is_fitted(self)
         source = as_image_source(X)
-        params = self.index_params
-        if params is not None and not isinstance(params, dict):
-            raise ValueError(f"index_params must be a dict or None; got {params!r}.")
         model = self.model_
         yield from model.evidence(
             source,
             batch_size=int(self.batch_size),
             num_workers=self._workers(source),
             k=k,
-            settings=model.index.check_settings(params or {}),
+            settings=model.index.check_settings(self.index_params),
             patches=patches,
+            maps=maps,
             gpu=model.embedder.runtime.device.type == "cuda",
         )
 
@@ -382,11 +382,9 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         k = self._k(n_neighbors, leave_self_out=X is None)
         if X is None:
-            index, params = self.model_.index, dict(self.index_params or {})
-            gpu = self.device_.type == "cuda"
-            squared, idx = index.search_leave_self_out(
-                k, settings=index.check_settings(params), gpu=gpu
-            )
+            index, gpu = self.model_.index, self.device_.type == "cuda"
+            settings = index.check_settings(self.index_params)
+            squared, idx = index.search_leave_self_out(k, settings=settings, gpu=gpu)
         else:
             found = list(self._evidence(X, k))
             squared = np.concatenate([np.empty((0, k), np.float32)] + [f.squared for f in found])
@@ -420,7 +418,7 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         wanted = 0 if n_neighbors == 0 else self._k(n_neighbors)
         k = self._k(None) if model.rule.uses_global else 0
         out = Explanation.empty(wanted, model)
-        for found in self._evidence(X, max(k, wanted), model.rule.uses_patch or maps):
+        for found in self._evidence(X, max(k, wanted), model.rule.uses_patch or maps, maps):
             out.add(found, k, wanted, maps)
         out.false_alarm_rates = model.rule.false_alarm_rate(out.scores)
         return out

@@ -27,6 +27,7 @@ images and builds the same model.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -325,7 +326,7 @@ def _add_patches(
 
 
 def _distance_order(settings: FitSettings, n: int) -> np.ndarray:
-    """Return the training images whose leave-one-image-out patch distances are needed."""
+    """Return the training images whose patches the bank's baseline and score need again."""
     if settings.image_score != "global":  # the score uses every image's patch anomaly
         return np.arange(n)
     return _baseline_sample(n)
@@ -367,17 +368,30 @@ class KeptPatches:
         self.patches[low:high] = patches.numpy()[self.order[low:high] - first]
 
     def batches(
-        self, batch_size: int, embedder: Embedder, images: ResizedImages, stages: tuple[str, ...]
-    ) -> Iterator[torch.Tensor]:
-        """Yield the patch embeddings of the images in the order, kept or computed again."""
+        self,
+        batch_size: int,
+        embedder: Embedder,
+        images: ResizedImages,
+        stages: tuple[str, ...],
+        among: np.ndarray | None = None,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield the images ``among`` (increasing; default: the order) and their patches.
+
+        The patches are the kept ones, or computed again beyond the budget.
+        """
+        among = self.order if among is None else among
         if self.patches is not None:
-            for start in range(0, len(self.order), batch_size):
-                yield torch.from_numpy(self.patches[start : start + batch_size])
+            rows = np.searchsorted(self.order, among)
+            for start in range(0, len(among), batch_size):
+                chosen = rows[start : start + batch_size]
+                yield among[start : start + batch_size], torch.from_numpy(self.patches[chosen])
             return
-        for batch in images.batches(batch_size, order=self.order):
+        first = 0
+        for batch in images.batches(batch_size, order=among):
             _, patches = embedder.run(0, batch, stages)
             assert patches is not None
-            yield patches
+            yield among[first : first + len(patches)], patches
+            first += len(patches)
 
 
 def _patch_bank(
@@ -396,24 +410,19 @@ def _patch_bank(
     # Patches near the border have fewer look-alikes than inner ones (the padding makes
     # each position its own kind), so their nearest distances run higher: the map shows
     # each distance above the typical one at its position.
-    sample, order = _baseline_sample(n), kept.order
-    raw = np.empty((len(order), *scorer.bank.grid), np.float32)
-    done = 0
-    for patches in kept.batches(settings.batch_size, embedder, images, stages):
-        owners = order[done : done + len(patches)]
-        raw[done : done + len(patches)] = scorer.raw_distances(patches, owners)[0]
-        done += len(patches)
+    # The sample's patches are held (at most _BASELINE_IMAGES images) until the baseline
+    # they set is known, so that beyond the budget the images run once more, not twice.
+    args, sample = (settings.batch_size, embedder, images, stages), _baseline_sample(n)
+    held = list(kept.batches(*args, among=sample))
+    raw = [scorer.raw_distances(patches, owners)[0] for owners, patches in held]
+    scorer.bank.baseline = np.concatenate(raw).mean(axis=0)
+    patch_train = None
+    if settings.image_score != "global":  # the score uses the patch anomalies
+        patch_train = np.empty(n, np.float64)
+        rest = kept.batches(*args, among=np.setdiff1d(kept.order, sample))
+        for owners, patches in itertools.chain(held, rest):
+            patch_train[owners] = scorer.anomalies(patches, embedder.image_size, owners)
     kept.patches = None  # free them before the index and rule are built
-    scorer.bank.baseline = raw[np.searchsorted(order, sample)].mean(axis=0)
-    if settings.image_score == "global":  # the patch anomalies are not needed
-        return scorer, None
-    size = embedder.image_size
-    patch_train = np.concatenate(
-        [
-            scorer.maxima(scorer.excess(raw[start : start + settings.batch_size]), size)
-            for start in range(0, n, settings.batch_size)
-        ]
-    )
     return scorer, patch_train
 
 

@@ -545,13 +545,17 @@ class KNNIndex:
                     logger.info("Searching %s on the CPU: %s", self.faiss_class, exc)
             return self._search_index
 
-    def check_settings(self, settings: Mapping[str, int]) -> dict[str, int]:
+    def check_settings(self, settings: Mapping[str, int] | None) -> dict[str, int]:
         """Validate ``settings`` against the fitted index; return its search settings.
 
-        Every value must lie in its range (:class:`IndexSpec`), ``nprobe`` at most the
-        fitted ``nlist``. Build settings are checked and left out: they apply to the
-        next build.
+        ``None`` means none. Every value must lie in its range (:class:`IndexSpec`),
+        ``nprobe`` at most the fitted ``nlist``. Build settings are checked and left
+        out: they apply to the next build.
         """
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, Mapping):
+            raise ValueError(f"index_params must be a dict or None; got {settings!r}.")
         knobs = _knobs(self.index, self.ntotal)
         for key, value in settings.items():
             if key not in _ALL_KEYS:
@@ -603,7 +607,7 @@ class KNNIndex:
             raise RuntimeError("The index is empty; call fit first.")
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the {self.ntotal} indexed vectors.")
-        settings = self.check_settings(settings or {})
+        settings = self.check_settings(settings)
         queries = _as_float32(queries)
         dists, idx = [], []
         for start in range(0, len(queries), self.chunk_size):
@@ -697,7 +701,7 @@ class KNNIndex:
         """
         if k + 1 > self.ntotal:
             raise ValueError(f"Leave-self-out with k={k} needs at least {k + 1} indexed vectors.")
-        settings = self.check_settings(settings or {})
+        settings = self.check_settings(settings)
         queries = self.vectors() if queries is None else _as_float32(queries)
         if len(queries) != self.ntotal:
             raise ValueError(f"queries must hold the {self.ntotal} indexed vectors in order.")
@@ -881,6 +885,10 @@ class PatchIndex:
     Attributes
     ----------
     index : KNNIndex
+        Exact search.
+    coarse : KNNIndex or None
+        Inverted lists over the same patches, built from them (never stored), for
+        :meth:`nearest_bound`; ``None`` for a bank under 1,024 patches.
     owners, positions : ndarray, int64
     grid : tuple of int
     baseline : ndarray of shape (h, w), float32
@@ -888,6 +896,11 @@ class PatchIndex:
 
     # Neighbours fetched first by a leave-one-image-out search; doubled where needed.
     _FIRST_K = 16
+    # The coarse index: about this many patches per inverted list, these lists probed per
+    # query, none below this many lists (a small bank is searched exactly, cheaply).
+    _PATCHES_PER_LIST = 128
+    _PROBES = 4
+    _MIN_LISTS = 8
 
     def __init__(
         self,
@@ -906,6 +919,11 @@ class PatchIndex:
             self.baseline = np.ascontiguousarray(baseline, dtype=np.float32).reshape(self.grid)
         if not len(self.owners) == len(self.positions) == self.index.ntotal:
             raise ValueError("A patch index needs one owner and one position per vector.")
+        lists = len(self.owners) // self._PATCHES_PER_LIST
+        self.coarse: KNNIndex | None = None
+        if lists >= self._MIN_LISTS:
+            params = {"nlist": lists, "nprobe": min(lists, self._PROBES)}
+            self.coarse = KNNIndex(IndexSpec("ivf", params)).fit(vectors)
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -924,6 +942,32 @@ class PatchIndex:
         """
         dists, idx = self.index.search(queries, 1)
         return dists[:, 0], idx[:, 0]
+
+    def nearest_bound(
+        self, queries: np.ndarray, query_owners: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Squared distance to *a* near bank patch: never below the nearest's, mostly equal.
+
+        The coarse index (inverted lists, a few probed) finds a bank patch close to each
+        query at a fraction of an exact search's cost; its distance bounds the nearest
+        distance from above. A bank too small for one is searched exactly. With
+        ``query_owners``, patches of the query's own image are skipped (``inf`` where
+        the coarse search found only those).
+
+        Returns
+        -------
+        ndarray of shape (q,), float32
+        """
+        if self.coarse is None:
+            if query_owners is None:
+                return self.nearest(queries)[0]
+            return self.nearest_other_image(queries, query_owners)[0]
+        if query_owners is None:
+            return self.coarse.search(queries, 1)[0][:, 0]
+        k = min(self._FIRST_K, len(self))
+        squared, found = self.coarse.search(queries, k)
+        other = self.owners[found] != np.asarray(query_owners, np.int64)[:, None]
+        return np.where(other, squared, np.inf).min(axis=1).astype(np.float32)
 
     def nearest_other_image(
         self, queries: np.ndarray, query_owners: np.ndarray

@@ -27,7 +27,7 @@ from msc_detector.backbones import BackboneSpec
 from msc_detector.data import ImageSource
 from msc_detector.embedding import Embedder, View
 from msc_detector.index import KNNIndex, PatchIndex
-from msc_detector.patches import grid_to_maps, map_to_image, network_positions
+from msc_detector.patches import grid_to_maps, map_reach, map_to_image, network_positions
 from msc_detector.runtime import Precision, land_runtime
 from msc_detector.verdict import ScoreRule
 
@@ -87,10 +87,69 @@ class PatchScorer:
         row, col = ((bank.positions[index] + 0.5) / np.asarray(bank.grid, np.float64)).tolist()
         return int(bank.owners[index]), (row, col)
 
-    @staticmethod
-    def maxima(excess: torch.Tensor, size: int) -> np.ndarray:
-        """Maximum of each smoothed map at the network's input side ``size``, float64."""
-        return grid_to_maps(excess, size).amax(dim=(1, 2)).double().numpy()
+    def anomalies(
+        self, features: torch.Tensor, size: int, owners: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Measure each image's patch anomaly, its map's maximum, searching few patches exactly.
+
+        The maximum of the map at the network's input side ``size`` made from every
+        patch's exact distance, ``grid_to_maps(excess(raw_distances(features,
+        owners)[0]), size)``, but most patches are not searched exactly. The
+        coarse search bounds every patch's distance from above, so a map made from the
+        bounds lies on or above the exact map everywhere. Where the map made so far
+        peaks, the patches under the peak are searched exactly and the map made again,
+        until the peak rests on exact distances only: the peak's value is then the
+        exact map's maximum (nothing exceeds it). Usually a few dozen of an image's
+        patches need the exact search.
+
+        Returns
+        -------
+        ndarray of shape (n,), float64
+        """
+        n, h, w, d = features.shape
+        queries = features.reshape(-1, d).numpy()
+        patch_owners = None if owners is None else np.repeat(owners, h * w)
+        squared = self.bank.nearest_bound(queries, patch_owners).reshape(n, h, w)
+        exact = np.zeros((n, h, w), bool)
+        unbounded = ~np.isfinite(squared)  # the coarse search found only the image's own patches
+        self._search_exactly(queries, patch_owners, squared, exact, unbounded)
+        (rows_first, rows_last), (cols_first, cols_last) = map_reach(size, h), map_reach(size, w)
+        result = np.empty(n, np.float64)
+        todo = np.arange(n)
+        while len(todo):
+            maps = grid_to_maps(self.excess(np.sqrt(np.maximum(squared[todo], 0.0))), size)
+            peaks = maps.flatten(1).argmax(dim=1).numpy()
+            wanted = np.zeros((len(todo), h, w), bool)
+            for j, (y, x) in enumerate(zip(*np.unravel_index(peaks, (size, size)), strict=True)):
+                rows = slice(rows_first[y], rows_last[y] + 1)
+                wanted[j, rows, cols_first[x] : cols_last[x] + 1] = True
+            wanted &= ~exact[todo]
+            settled = ~wanted.any(axis=(1, 2))
+            result[todo[settled]] = maps.flatten(1).amax(dim=1).double().numpy()[settled]
+            needed = np.zeros_like(exact)
+            needed[todo] = wanted
+            self._search_exactly(queries, patch_owners, squared, exact, needed)
+            todo = todo[~settled]
+        return result
+
+    def _search_exactly(
+        self,
+        queries: np.ndarray,
+        owners: np.ndarray | None,
+        squared: np.ndarray,
+        exact: np.ndarray,
+        needed: np.ndarray,
+    ) -> None:
+        """Replace the squared distances of the ``needed`` patches with exact ones."""
+        rows = np.flatnonzero(needed)
+        if not len(rows):
+            return
+        if owners is None:
+            found = self.bank.nearest(queries[rows])[0]
+        else:
+            found = self.bank.nearest_other_image(queries[rows], owners[rows])[0]
+        squared.reshape(-1)[rows] = found
+        exact.reshape(-1)[rows] = True
 
 
 @dataclass(frozen=True)
@@ -190,6 +249,7 @@ class FittedModel:
         k: int = 0,
         settings: Mapping[str, int] | None = None,
         patches: bool = False,
+        maps: bool = False,
         gpu: bool = False,
     ) -> Iterator[Evidence]:
         """One pass over ``source``: per batch, the global search and the patch search.
@@ -202,6 +262,9 @@ class FittedModel:
             Search settings of an approximate index (``nprobe``, ``efSearch``).
         patches : bool, default=False
             Also search the patch bank (the model must have one).
+        maps : bool, default=False
+            Also search every patch exactly, for maps. The patch anomaly is measured
+            either way by :meth:`PatchScorer.anomalies`, so scores do not depend on it.
         """
         if patches and self.patches is None:
             raise ValueError("This model has no patch bank.")
@@ -214,9 +277,10 @@ class FittedModel:
                     batch.embeddings, k, dict(settings or {}), gpu
                 )
             if self.patches is not None and batch.patches is not None:
-                raw, found.patch_nearest = self.patches.raw_distances(batch.patches)
-                found.patch_excess = self.patches.excess(raw)
-                found.patch_anomaly = self.patches.maxima(found.patch_excess, size)
+                found.patch_anomaly = self.patches.anomalies(batch.patches, size)
+                if maps:  # every patch's distance, searched exactly
+                    raw, found.patch_nearest = self.patches.raw_distances(batch.patches)
+                    found.patch_excess = self.patches.excess(raw)
             yield found
 
     def image_map(self, source: MapSource) -> np.ndarray:

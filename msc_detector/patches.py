@@ -17,6 +17,7 @@ side, and :func:`map_to_image` places such a map back on an image of any size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ __all__ = [
     "StageTap",
     "gaussian_blur",
     "grid_to_maps",
+    "map_reach",
     "map_to_image",
     "network_positions",
     "resolve_stages",
@@ -203,30 +205,69 @@ class StageTap:
         return torch.cat(grids, dim=1).permute(0, 2, 3, 1).contiguous().cpu()
 
 
+def _gaussian(sigma: float, side: int) -> tuple[int, torch.Tensor]:
+    """Radius and normalised taps of a Gaussian for a side of ``side`` pixels."""
+    radius = max(1, min(math.ceil(3 * sigma), side - 1))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    return radius, kernel / kernel.sum()
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Smooth ``(n, H, W)`` maps with a separable Gaussian (reflected borders)."""
     if sigma <= 0:
         return maps
-    radius = max(1, min(math.ceil(3 * sigma), min(maps.shape[-2:]) - 1))
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.device)
+    radius, kernel = _gaussian(sigma, min(maps.shape[-2:]))
+    kernel = kernel.to(maps.device)
     x = maps.unsqueeze(1)
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
     return x.squeeze(1)
 
 
+@functools.lru_cache(maxsize=32)
+def _map_operator(size: int, cells: int) -> torch.Tensor:
+    """Return the ``(size, cells)`` matrix of :func:`grid_to_maps` along one side.
+
+    Bilinear upsampling and the Gaussian are both linear and act on rows and columns
+    separately, so a map is ``A_rows @ grid @ A_cols.T``. The matrix is made by running
+    the two operations on the identity, so it is exactly what they do.
+    """
+    x = F.interpolate(
+        torch.eye(cells)[:, None, :], size=size, mode="linear", align_corners=False
+    )  # (cells, 1, size): cell c's weight at each pixel
+    sigma = SIGMA_AT_224 * size / 224.0
+    if sigma > 0:
+        radius, kernel = _gaussian(sigma, size)
+        x = F.conv1d(F.pad(x, (radius, radius), mode="reflect"), kernel.view(1, 1, -1))
+    return x[:, 0, :].T.contiguous()
+
+
 def grid_to_maps(distances: torch.Tensor, size: int) -> torch.Tensor:
     """Per-patch distances ``(n, h, w)`` -> smooth maps ``(n, size, size)`` (float32).
 
     Upsampled bilinearly to the network's input side and smoothed with a Gaussian of
-    ``SIGMA_AT_224 * size / 224`` pixels.
+    ``SIGMA_AT_224 * size / 224`` pixels (as two small matrix products per map).
     """
-    x = F.interpolate(
-        distances.float().unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False
-    ).squeeze(1)
-    return gaussian_blur(x, SIGMA_AT_224 * size / 224.0)
+    h, w = distances.shape[-2:]
+    rows, cols = _map_operator(size, h), _map_operator(size, w)
+    return rows @ distances.float() @ cols.T
+
+
+def map_reach(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the grid cells that each pixel of a map is made from, along one side.
+
+    Pixel ``p`` of a map's ``size``-pixel side (see :func:`grid_to_maps`) is a weighted
+    sum of cells ``first[p]`` to ``last[p]`` along that side.
+
+    Returns
+    -------
+    first, last : ndarray of shape (size,), int64
+    """
+    used = (_map_operator(size, cells) != 0).numpy()
+    first = used.argmax(axis=1)
+    last = cells - 1 - used[:, ::-1].argmax(axis=1)
+    return first.astype(np.int64), last.astype(np.int64)
 
 
 def network_positions(n: int, other: int, load_size: int, size: int) -> torch.Tensor:

@@ -135,6 +135,10 @@ def test_search_settings_set_after_fit_are_checked_at_scoring(X):
     det.set_params(index_params={"efsearch": 16})
     with pytest.raises(ValueError, match="unknown setting 'efsearch'"):
         det.score_samples(X[:2])
+    det.set_params(index_params=[("efSearch", 16)])
+    for search in (lambda: det.score_samples(X[:2]), det.kneighbors):
+        with pytest.raises(ValueError, match=r"index_params must be a dict or None; got \["):
+            search()
     det.set_params(index_params={"efSearch": 2})
     assert det.score_samples(X[:2]).shape == (2,)
 

@@ -12,9 +12,12 @@ from conftest import small_module
 from msc_detector.backbones import create_backbone
 from msc_detector.embedding import Embedder, View
 from msc_detector.index import PatchIndex
+from msc_detector.model import PatchScorer
 from msc_detector.patches import (
+    SIGMA_AT_224,
     gaussian_blur,
     grid_to_maps,
+    map_reach,
     map_to_image,
     network_positions,
     resolve_stages,
@@ -103,6 +106,66 @@ def test_grid_to_maps_upsamples_to_the_network_side() -> None:
     y, x = divmod(int(maps[1].argmax()), 32)
     assert y < 8 and x >= 24  # the top-right cell
     assert float(maps[0].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("size", "h", "w"), [(224, 28, 28), (128, 16, 16), (64, 8, 5), (20, 3, 3)]
+)
+def test_grid_to_maps_is_upsampling_then_the_gaussian(size, h, w) -> None:
+    grid = torch.rand(3, h, w, generator=torch.Generator().manual_seed(size))
+    upsampled = F.interpolate(grid[:, None], size=(size, size), mode="bilinear")[:, 0]
+    expected = gaussian_blur(upsampled, SIGMA_AT_224 * size / 224)
+    torch.testing.assert_close(grid_to_maps(grid, size), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_map_pixel_depends_on_the_cells_within_its_reach_only() -> None:
+    size, cells = 64, 8
+    first, last = map_reach(size, cells)
+    assert (np.diff(first) >= 0).all() and (np.diff(last) >= 0).all() and (first <= last).all()
+    for cell in range(cells):
+        grid = torch.zeros(1, cells, cells)
+        grid[0, cell, 3] = 1.0
+        column = grid_to_maps(grid, size)[0, :, 3 * size // cells]
+        within = (first <= cell) & (cell <= last)
+        assert (column[torch.from_numpy(~within)] == 0).all()  # untouched outside the reach
+        assert (column[torch.from_numpy(within)] > 0).any()
+
+
+def _scorer(m: int, grid: int, dim: int, seed: int = 0) -> PatchScorer:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((m, dim)).astype(np.float32)
+    owners, positions = rng.integers(0, 40, m), rng.integers(0, grid, (m, 2))
+    baseline = rng.random((grid, grid)).astype(np.float32)
+    return PatchScorer(PatchIndex(vectors, owners, positions, (grid, grid), baseline), ("a",))
+
+
+@pytest.mark.parametrize("leave_out", [False, True])
+def test_patch_anomalies_equal_the_maxima_of_exact_maps(leave_out, monkeypatch) -> None:
+    scorer = _scorer(4096, 16, 24)
+    assert scorer.bank.coarse is not None  # a bank this large has the coarse index
+    rng = np.random.default_rng(1)
+    features = torch.from_numpy(rng.standard_normal((12, 16, 16, 24)).astype(np.float32))
+    features[2, 4:7, 9:12] += 4.0  # a defect: far from every bank patch
+    owners = np.arange(12) if leave_out else None
+    exact = grid_to_maps(scorer.excess(scorer.raw_distances(features, owners)[0]), 128)
+    searched: list[int] = []
+    nearest = scorer.bank.nearest if owners is None else scorer.bank.nearest_other_image
+    name = "nearest" if owners is None else "nearest_other_image"
+    monkeypatch.setattr(scorer.bank, name, lambda q, *a: searched.append(len(q)) or nearest(q, *a))
+    got = scorer.anomalies(features, 128, owners)
+    np.testing.assert_allclose(got, exact.amax(dim=(1, 2)).double().numpy(), rtol=1e-5)
+    assert int(np.argmax(got)) == 2
+    assert 0 < sum(searched) < features[..., 0].numel() // 2  # most patches: coarse only
+
+
+def test_a_small_bank_is_searched_exactly() -> None:
+    scorer = _scorer(1000, 8, 8)
+    assert scorer.bank.coarse is None
+    features = torch.randn(3, 8, 8, 8)
+    exact = grid_to_maps(scorer.excess(scorer.raw_distances(features)[0]), 64)
+    np.testing.assert_array_equal(
+        scorer.anomalies(features, 64), exact.amax(dim=(1, 2)).double().numpy()
+    )
 
 
 def test_a_square_image_maps_back_onto_itself() -> None:
