@@ -260,7 +260,7 @@ def test_parameters_are_encoded_as_json() -> None:
         "random_state": np.random.RandomState(0),
         "epoch_callback": print,
     }
-    encoded, dropped = persistence._json_params(params)
+    encoded, dropped = persistence.codec.json_params(params)
     assert encoded == {
         "weights": "/models/w.pth",
         "device": "cuda:1",
@@ -384,7 +384,7 @@ def test_every_flipped_bit_in_the_central_directory_is_a_model_file_error(tmp_pa
             damaged[offset] ^= 1 << bit
             path.write_bytes(bytes(damaged))
             try:
-                _, _, members = persistence._verified_members(path)
+                _, _, members = persistence.container.verified_members(path)
             except ModelFileError:
                 continue
             assert members == payload, (offset, bit)  # a harmless bit, e.g. of a timestamp
@@ -461,7 +461,7 @@ def test_an_invalid_backbone_spec_is_refused(saved: Path) -> None:
 
 def test_a_metadata_member_over_its_size_limit(saved: Path, reader) -> None:
     members = read_members(saved)
-    limit = persistence._LIMITS["metadata.json"]
+    limit = persistence.schema.LIMITS["metadata.json"]
     members["metadata.json"] += b" " * (limit + 1 - len(members["metadata.json"]))
     write_members(saved, members)
     with pytest.raises(ModelFileError, match=rf"'metadata\.json' declares more than {limit}"):
@@ -477,7 +477,7 @@ def test_a_history_over_its_length_limit(saved: Path, reader) -> None:
 
 
 def test_oversized_members_are_refused_before_reading(saved: Path, reader, monkeypatch) -> None:
-    monkeypatch.setitem(persistence._LIMITS, "metadata.json", 100)
+    monkeypatch.setitem(persistence.schema.LIMITS, "metadata.json", 100)
     monkeypatch.setattr(
         persistence.container, "_read", lambda *a, **k: pytest.fail("a member was read")
     )
@@ -874,7 +874,7 @@ def test_preprocess_is_encoded_as_json() -> None:
         "partial": {"mean": np.array([0.5, 0.5, 0.5]), "input_size": np.int64(64)},
         "strange": {"mean": object()},
     }
-    encoded, dropped = persistence._json_params(params)
+    encoded, dropped = persistence.codec.json_params(params)
     assert encoded == {
         "config": {
             "input_size": 224,
