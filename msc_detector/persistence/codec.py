@@ -19,17 +19,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from msc_detector.persistence.schema import (
+    ARRAY_SHAPES,
     ARRAYS,
     FITTED,
-    FORMAT_2_FITTED,
-    FORMAT_3_FITTED,
     FORMAT_VERSION,
     METADATA,
     METADATA_SCHEMA,
     NETWORKS,
     NOT_SAVED,
-    PATCH_ARRAYS,
     PAYLOAD,
+    UPGRADES,
     check,
     error,
     parse,
@@ -65,6 +64,9 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
     from safetensors.torch import save as save_tensors
 
     model = detector.model_
+    spec, index = model.embedder.spec, model.index
+    if networks and spec.is_module:
+        raise ValueError(NOT_SAVED.format(kind=spec.architecture.split(":", 1)[1]))
     fitted, arrays = model.state()
     fitted["offset_"] = float(detector.offset_)
     metadata = {
@@ -72,16 +74,16 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _running_versions(),
         "params": json_params(detector.get_params(deep=False))[0],
-        "backbone_spec": model.embedder.spec.to_dict(),
+        "backbone_spec": spec.to_dict(),
         "fitted": {name: fitted[name] for name in FITTED},
-        "index": model.index.describe(),
+        "index": index.describe(),
     }
-    if model.index.spec.exact:
-        arrays["index_vectors"] = np.ascontiguousarray(model.index.vectors(), np.float32)
-    elif model.index.spec.has_plain_form:
-        arrays.update({INDEX_PREFIX + k: v for k, v in model.index.to_arrays().items()})
+    if index.spec.exact:
+        arrays["index_vectors"] = np.ascontiguousarray(index.vectors(), np.float32)
+    elif index.spec.has_plain_form:
+        arrays.update({INDEX_PREFIX + k: v for k, v in index.to_arrays().items()})
     else:  # pre-transforms, refinements, other quantizers: Faiss's bytes
-        arrays["index_faiss"] = model.index.to_bytes()
+        arrays["index_faiss"] = index.to_bytes()
     if model.train_paths is not None:
         joined = b"".join(os.fsencode(path) + b"\0" for path in model.train_paths)
         arrays["train_paths"] = np.frombuffer(joined, dtype=np.uint8)
@@ -89,19 +91,17 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
         METADATA: json.dumps(metadata, indent=2, default=lambda v: v.item()).encode(),
         ARRAYS: save_arrays(arrays),
     }
-    if not networks:
-        return payload
-    spec = model.embedder.spec
-    if spec.is_module:
-        raise ValueError(NOT_SAVED.format(kind=spec.architecture.split(":", 1)[1]))
-    nets = dict(zip((BACKBONE, PRETRAINED), model.networks(), strict=True))
-    tensors = {  # copies: safetensors refuses tensors that share memory (tied weights)
-        prefix + key: value.detach().to("cpu", copy=True).contiguous()
-        for prefix, network in nets.items()
-        if network is not None
-        for key, value in network.state_dict().items()
-    }
-    return {**payload, NETWORKS: save_tensors(tensors)}
+    if networks:
+        nets = zip((BACKBONE, PRETRAINED), model.networks(), strict=True)
+        payload[NETWORKS] = save_tensors(
+            {  # copies: safetensors refuses tensors that share memory (tied weights)
+                prefix + key: value.detach().to("cpu", copy=True).contiguous()
+                for prefix, network in nets
+                if network is not None
+                for key, value in network.state_dict().items()
+            }
+        )
+    return payload
 
 
 def json_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -312,116 +312,85 @@ def metadata_and_arrays(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse and check ``metadata.json``, then the arrays against it (without torch).
 
-    Metadata of format 2 comes back as format 3 says a detector without a patch bank.
+    Metadata of an older format comes back in the current one (:data:`UPGRADES`).
     """
     import numpy as np
     from safetensors.numpy import load as load_arrays
 
+    from msc_detector.index_kinds import has_plain_form
+
     metadata = parse(where, METADATA, members[METADATA], json.loads)
-    schema = METADATA_SCHEMA  # format 2 has no index key: a flat index
-    if isinstance(metadata, dict) and "index" not in metadata:
-        schema = {k: v for k, v in METADATA_SCHEMA.items() if k != "index"}
+    schema = dict(METADATA_SCHEMA)
+    if version == 2 and isinstance(metadata, dict) and "index" not in metadata:
+        del schema["index"]  # a flat index, described below
     check(where, METADATA, metadata, schema)
-    if version == 2 and isinstance(metadata["fitted"], dict):
-        metadata["fitted"] = {**metadata["fitted"], **FORMAT_2_FITTED}
-        metadata["params"] = {**metadata["params"], "patch_memory": None}
-    if version <= 3 and isinstance(metadata["fitted"], dict):  # "combined" was not centred
-        metadata["fitted"] = {**metadata["fitted"], **FORMAT_3_FITTED}
+    for since, added in UPGRADES.items():
+        if version <= since:
+            for key, defaults in added.items():
+                metadata[key] = {**metadata[key], **defaults}
     check(where, f"{METADATA}['fitted']", metadata["fitted"], FITTED)
-    arrays = parse(where, ARRAYS, members[ARRAYS], load_arrays)
     fitted, features = metadata["fitted"], metadata["backbone_spec"]["num_features"]
     n, dim = fitted["n_train_"], features * (2 if fitted["nearest_view_"] else 1)
-    expected = {
-        "center_": ("float32", (features,)),
-        "train_scores_": ("float64", (n,)),
-        "index_vectors": ("float32", (n, dim)),
-    }
-    found = {name: (str(array.dtype), array.shape) for name, array in arrays.items()}
-    index = metadata.get("index", {"kind": "flat", "dim": dim, "ntotal": n})
-    if index["kind"] != "flat":
-        del expected["index_vectors"]
-        expected.update(_approximate_index_expected(where, index, arrays, version))
-    if "train_paths" in found:
-        paths = arrays["train_paths"]
-        expected["train_paths"] = ("uint8", paths.shape)
-        if paths.ndim != 1 or paths[-1:].tolist() != [0] or np.count_nonzero(paths == 0) != n:
-            raise error(where, f"{ARRAYS} has train_paths that do not hold {n} paths.")
+    flat = {"kind": "flat", "params": {}, "faiss_class": "IndexFlat", "dim": dim, "ntotal": n}
+    index, kind = metadata.setdefault("index", flat), metadata["index"]["kind"]
+    arrays = parse(where, ARRAYS, members[ARRAYS], load_arrays)
+    plain = [name for name in arrays if name.startswith(INDEX_PREFIX)]
+    if kind == "flat":
+        stored = ["index_vectors"]
+    elif version >= 5 and has_plain_form(kind):  # each checked as the index is rebuilt
+        if not plain:
+            raise error(where, f"{ARRAYS} lacks the arrays of its {kind!r} index.")
+        stored = plain
+    else:
+        stored = ["index_faiss"]
+    if "train_paths" in arrays:
+        stored.append("train_paths")
     if fitted["patch_stages_"]:
-        expected.update(_patch_arrays_expected(where, arrays, n))
-    if found != expected:
-        raise error(where, f"{ARRAYS} holds {found}; the metadata implies {expected}.")
+        stored += [name for name in ARRAY_SHAPES if name.startswith("patch_")]
+    expected = sorted(["center_", "train_scores_", *stored])
+    if sorted(arrays) != expected:
+        raise error(where, f"{ARRAYS} holds {sorted(arrays)}; the metadata implies {expected}.")
+    sizes: dict[int | str, int] = {"n": n, "f": features, "d": dim}
+    if "patch_grid" in arrays and arrays["patch_grid"].shape == (2,):
+        sizes["h"], sizes["w"] = arrays["patch_grid"].tolist()
+    for name, (dtype, shape) in ARRAY_SHAPES.items():  # binding the sizes first seen
+        if (array := arrays.get(name)) is None:
+            continue
+        for size, found in zip(shape, array.shape, strict=False):
+            if isinstance(size, str):
+                sizes.setdefault(size, found)
+        wanted = tuple(sizes.get(size, size) for size in shape)
+        if (str(array.dtype), array.shape) != (dtype, wanted):
+            raise error(
+                where,
+                f"{ARRAYS} holds {name!r} as {array.dtype} {array.shape}; the metadata "
+                f"implies {dtype} {wanted}.",
+            )
     if (index["dim"], index["ntotal"]) != (dim, n):
         raise error(
             where,
             f"{METADATA} describes an index of {index['ntotal']} vectors of width "
             f"{index['dim']}; the detector has {n} of width {dim}.",
         )
+    if "train_paths" in arrays:
+        paths = arrays["train_paths"]
+        if paths[-1:].tolist() != [0] or np.count_nonzero(paths == 0) != n:
+            raise error(where, f"{ARRAYS} has train_paths that do not hold {n} paths.")
     if "patch_grid" in arrays:
-        m, (rows, cols) = len(arrays["patch_vectors"]), arrays["patch_grid"].tolist()
-        if m > n * rows * cols:
+        m, h, w = len(arrays["patch_vectors"]), sizes["h"], sizes["w"]
+        if not 1 <= m <= n * h * w:
             raise error(
                 where,
-                f"{ARRAYS} holds {m} patches; a grid of {rows} x {cols} patches of {n} "
+                f"{ARRAYS} holds {m} patches; a grid of {h} x {w} patches of {n} "
                 "training images holds 1 to all of them.",
             )
         owners, positions = arrays["patch_owners"], arrays["patch_positions"]
-        inside = (owners >= 0).all() and (owners < n).all() and (positions >= 0).all()
-        if not (
-            inside
-            and (arrays["patch_grid"] > 0).all()
-            and (positions < arrays["patch_grid"]).all()
-        ):
+        inside = (owners >= 0) & (owners < n), (positions >= 0) & (positions < (h, w))
+        if not (inside[0].all() and inside[1].all()):
             raise error(where, f"{ARRAYS} has patch owners or positions outside their range.")
     if infinite := [name for name, array in arrays.items() if not np.isfinite(array).all()]:
         raise error(where, f"{ARRAYS} holds non-finite values in {infinite}.")
     return metadata, arrays
-
-
-def _approximate_index_expected(
-    where: object, index: Mapping[str, Any], arrays: Mapping[str, np.ndarray], version: int
-) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Return the names, dtypes and shapes of an approximate index's arrays.
-
-    From format 5, a kind with a plain-array form has its plain arrays (each checked when
-    the index is rebuilt) and never Faiss bytes; otherwise the bytes, one uint8 array.
-    """
-    from msc_detector.index_kinds import has_plain_form
-
-    if version >= 5 and has_plain_form(index["kind"]):
-        names = [name for name in arrays if name.startswith(INDEX_PREFIX)]
-        if not names:
-            raise error(where, f"{ARRAYS} lacks the arrays of its {index['kind']!r} index.")
-        return {name: (str(arrays[name].dtype), arrays[name].shape) for name in names}
-    blob = arrays.get("index_faiss")
-    return {"index_faiss": ("uint8", blob.shape if blob is not None and blob.ndim == 1 else (-1,))}
-
-
-def _patch_arrays_expected(
-    where: object, arrays: Mapping[str, np.ndarray], n_train: int
-) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Return the dtypes and shapes of the patch-bank arrays.
-
-    The bank holds at most every patch of every training image: ``n_train * h * w``.
-    (Not ``params.patch_memory``: parameters changed after fit are read by the next fit.)
-    """
-    if any(name not in arrays for name in PATCH_ARRAYS):
-        raise error(where, f"{ARRAYS} lacks the patch bank arrays {list(PATCH_ARRAYS)}.")
-    vectors, grid = arrays["patch_vectors"], arrays["patch_grid"]
-    rows, cols = (int(grid[0]), int(grid[1])) if grid.shape == (2,) else (-1, -1)
-    m = vectors.shape[0] if vectors.ndim == 2 else -1
-    if m < 1 or rows < 1 or cols < 1:
-        raise error(
-            where,
-            f"{ARRAYS} holds {m} patches; a grid of {rows} x {cols} patches of {n_train} "
-            "training images holds 1 to all of them.",
-        )
-    return {
-        "patch_vectors": ("float32", (m, vectors.shape[1])),
-        "patch_owners": ("int64", (m,)),
-        "patch_positions": ("int64", (m, 2)),
-        "patch_grid": ("int64", (2,)),
-        "patch_baseline": ("float32", (rows, cols)),
-    }
 
 
 def _warn_on_version_change(where: object, saved: Mapping[str, str]) -> None:
