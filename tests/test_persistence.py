@@ -199,10 +199,10 @@ def test_encode_and_decode_round_trip_without_a_file(model) -> None:
     decoded = persistence.decode(members, "pickle")
     assert decoded.fitted == json.loads(members["metadata.json"])["fitted"]
     assert decoded.fitted["device_"] == "cpu"
-    assert decoded.backbone_spec == detector.backbone_spec_
-    assert decoded.pretrained_backbone is None
-    np.testing.assert_array_equal(decoded.index.vectors(), detector.index_.vectors())
-    state = decoded.backbone.state_dict()
+    assert decoded.parts.spec == detector.backbone_spec_
+    assert decoded.parts.pretrained is None
+    np.testing.assert_array_equal(decoded.parts.index.vectors(), detector.index_.vectors())
+    state = decoded.parts.backbone.state_dict()
     for key, value in detector.backbone_.state_dict().items():
         torch.testing.assert_close(state[key], value.to(state[key].dtype), rtol=0, atol=0)
     with pytest.raises(ModelFileError, match=r"pickle is not a usable.*missing member"):
@@ -923,7 +923,7 @@ def test_a_module_detector_is_not_saved_and_the_error_names_joblib(tmp_path: Pat
     members = persistence.encode(detector, networks=False)
     assert list(members) == ["metadata.json", "arrays.safetensors"]
     decoded = persistence.decode(members, "pickle", networks=(detector.backbone_, None))
-    assert decoded.backbone is detector.backbone_ and decoded.backbone_spec.is_module
+    assert decoded.parts.backbone is detector.backbone_ and decoded.parts.spec.is_module
     with pytest.raises(ModelFileError, match=r"missing member 'networks\.safetensors'"):
         persistence.decode(members, "pickle")  # without the modules, nothing to build
     restored = joblib.load(io.BytesIO(pickled(detector)))

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from msc_detector.backbones import BackboneSpec
     from msc_detector.index import KNNIndex
-    from msc_detector.model import FittedModel
+    from msc_detector.model import FittedModel, SavedParts
 
 __all__ = ["SavedModel", "decode", "encode", "json_params"]
 
@@ -162,31 +162,20 @@ class SavedModel:
     """A decoded detector: pure data, with its networks rebuilt on the CPU in eval mode.
 
     ``fitted`` holds the validated values of :data:`FITTED` as saved (``device_`` is
-    the string of the device it was fitted on), ``arrays`` the checked arrays;
-    ``index`` is rebuilt.
+    the string of the device it was fitted on), ``arrays`` the checked arrays and
+    ``parts`` the backbone spec, the networks, the rebuilt index and the training paths.
     """
 
     params: dict[str, Any]
-    backbone_spec: BackboneSpec
-    backbone: nn.Module
-    pretrained_backbone: nn.Module | None
-    index: KNNIndex
     fitted: dict[str, Any]
     arrays: dict[str, np.ndarray]
-    train_paths: list[str] | None = None
+    parts: SavedParts
 
     def model(self, device: str | torch.device = "auto", precision: str = "auto") -> FittedModel:
         """Return the fitted model, landed on ``device`` (see ``FittedModel.from_state``)."""
-        from msc_detector.model import FittedModel, SavedParts
+        from msc_detector.model import FittedModel
 
-        parts = SavedParts(
-            self.backbone_spec,
-            self.backbone,
-            self.pretrained_backbone,
-            self.index,
-            self.train_paths,
-        )
-        return FittedModel.from_state(self.fitted, self.arrays, parts, device, precision)
+        return FittedModel.from_state(self.fitted, self.arrays, self.parts, device, precision)
 
 
 def decode(
@@ -204,10 +193,8 @@ def decode(
     :class:`ModelFileError` for anything invalid; warns when msc-detector, torch, timm,
     faiss or scikit-learn differ from the versions that wrote them.
     """
-    import timm
-    from safetensors.torch import load as load_tensors
-
-    from msc_detector.backbones import BackboneSpec, rebuild_backbone
+    from msc_detector.backbones import BackboneSpec
+    from msc_detector.model import SavedParts
 
     needed = PAYLOAD if networks is None else (METADATA, ARRAYS)
     if missing := [name for name in needed if name not in members]:
@@ -218,11 +205,26 @@ def decode(
         spec = BackboneSpec.from_dict(metadata["backbone_spec"])
     except (KeyError, TypeError, ValueError) as exc:
         raise error(where, f"{METADATA} has an invalid backbone_spec ({exc!r}).") from exc
-    if networks is not None:
-        return _saved_model(where, metadata, arrays, spec, *networks)
+    backbone, pretrained = networks or _networks(where, spec, members[NETWORKS])
+    joined = arrays.pop("train_paths", None)  # each followed by a NUL byte (checked)
+    paths = None if joined is None else list(map(os.fsdecode, joined.tobytes().split(b"\0")[:-1]))
+    index = _index(where, metadata["index"], arrays)
+    parts = SavedParts(spec, backbone, pretrained, index, paths)
+    return SavedModel(_tuples(metadata["params"]), metadata["fitted"], arrays, parts)
+
+
+def _networks(
+    where: object, spec: BackboneSpec, data: bytes
+) -> tuple[nn.Module, nn.Module | None]:
+    """Rebuild the fine-tuned and the pretrained network from ``networks.safetensors``."""
+    import timm
+    from safetensors.torch import load as load_tensors
+
+    from msc_detector.backbones import rebuild_backbone
+
     if ":" in spec.architecture or not timm.is_model(spec.architecture):  # e.g. "hf-hub:..."
         raise error(where, f"timm has no {spec.architecture!r} without downloading.")
-    tensors = parse(where, NETWORKS, members[NETWORKS], load_tensors)
+    tensors = parse(where, NETWORKS, data, load_tensors)
     states = [
         {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         for prefix in (BACKBONE, PRETRAINED)
@@ -237,43 +239,17 @@ def decode(
         raise error(where, problem) from exc
     if getattr(backbone, "num_features", None) != spec.num_features:
         raise error(where, f"{spec.architecture!r} does not have {spec.num_features} features.")
-    return _saved_model(where, metadata, arrays, spec, backbone, pretrained)
+    return backbone, pretrained
 
 
-def _saved_model(
-    where: object,
-    metadata: Mapping[str, Any],
-    arrays: dict[str, np.ndarray],
-    spec: BackboneSpec,
-    backbone: nn.Module,
-    pretrained: nn.Module | None,
-) -> SavedModel:
-    """Assemble a :class:`SavedModel` from checked members and networks."""
-    # JSON arrays come back as the tuples they were (patch_stages, preprocess' mean and std)
-    params = {
-        name: {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-        if isinstance(value, dict)
-        else tuple(value)
-        if isinstance(value, list)
-        else value
-        for name, value in metadata["params"].items()
-    }
-    paths = arrays.pop("train_paths", None)
-    return SavedModel(
-        params=params,
-        backbone_spec=spec,
-        backbone=backbone,
-        pretrained_backbone=pretrained,
-        index=_index(where, metadata, arrays),
-        fitted=dict(metadata["fitted"]),
-        arrays=arrays,
-        train_paths=None if paths is None else _split_paths(paths),
-    )
+def _tuples(value: Any) -> Any:
+    """Return JSON ``value`` with its arrays as the tuples they were (``patch_stages``...)."""
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    return tuple(value) if isinstance(value, list) else value
 
 
-def _index(
-    where: object, metadata: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
-) -> KNNIndex:
+def _index(where: object, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> KNNIndex:
     """Rebuild the index from its vectors, its checked plain arrays, or its Faiss bytes.
 
     Faiss bytes (formats 3 and 4, and kinds without a plain-array form) are size-checked
@@ -281,30 +257,16 @@ def _index(
     """
     from msc_detector.index import IndexSpec, KNNIndex
 
-    info = metadata.get("index") or {"kind": "flat", "params": {}}  # format 2: flat
+    plain = {k[len(INDEX_PREFIX) :]: v for k, v in arrays.items() if k.startswith(INDEX_PREFIX)}
     try:
-        spec = IndexSpec.from_dict(info)
+        spec, dim, ntotal = IndexSpec.from_dict(info), info["dim"], info["ntotal"]
         if spec.exact:
             return KNNIndex(spec).fit(arrays["index_vectors"])
-        plain = _index_arrays(arrays)
         if plain:
-            return KNNIndex.from_arrays(plain, spec, info["dim"], info["ntotal"])
-        return KNNIndex.from_bytes(
-            arrays["index_faiss"], spec, info["faiss_class"], info["dim"], info["ntotal"]
-        )
+            return KNNIndex.from_arrays(plain, spec, dim, ntotal)
+        return KNNIndex.from_bytes(arrays["index_faiss"], spec, info["faiss_class"], dim, ntotal)
     except ValueError as exc:
         raise error(where, f"its index cannot be rebuilt: {exc}") from exc
-
-
-def _index_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Return an approximate index's plain arrays, by the names ``KNNIndex`` gives them."""
-    size = len(INDEX_PREFIX)
-    return {k[size:]: v for k, v in arrays.items() if k.startswith(INDEX_PREFIX)}
-
-
-def _split_paths(joined: np.ndarray) -> list[str]:
-    """Undo the NUL-terminated joining of ``train_paths`` (checked by the reader)."""
-    return [os.fsdecode(path) for path in joined.tobytes().split(b"\0")[:-1]]
 
 
 def metadata_and_arrays(
