@@ -593,6 +593,29 @@ def test_index_vectors_of_the_wrong_width_for_the_views(saved: Path, reader) -> 
         reader(saved)
 
 
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("patch_positions", lambda a: a[:, :1], r"'patch_positions' as int64 \(\d+, 1\)"),
+        ("patch_baseline", lambda a: a.astype(np.float64), "'patch_baseline' as float64"),
+        ("patch_owners", lambda a: a + 1000, "patch owners or positions outside their range"),
+    ],
+)
+def test_patch_arrays_that_disagree_with_the_metadata(saved: Path, reader, name, change, message):
+    def edit(arrays: dict) -> dict:
+        return {**arrays, name: np.ascontiguousarray(change(arrays[name]))}
+
+    edit_safetensors(saved, "arrays.safetensors", edit)
+    with pytest.raises(ModelFileError, match=message):
+        reader(saved)
+
+
+def test_metadata_without_an_index_is_only_read_in_format_2(saved: Path, reader) -> None:
+    edit_metadata(saved, lambda m: m.pop("index"))
+    with pytest.raises(ModelFileError, match=r"metadata\.json must be an object with the keys"):
+        reader(saved)
+
+
 def test_arrays_with_non_finite_values(saved: Path, reader) -> None:
     def poison(arrays: dict) -> dict:
         center = arrays["center_"].copy()

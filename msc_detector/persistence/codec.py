@@ -111,29 +111,23 @@ def json_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     of numbers (``preprocess``, a dict or a ``PreprocessConfig``). Anything else, and a
     mapping holding anything else, is ``None``.
     """
-    import dataclasses
-
-    out: dict[str, Any] = {}
-    for name, value in params.items():
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if isinstance(value, Mapping):
-            encoded = {key: _json_value(item) for key, item in value.items()}
-            whole = all(
-                isinstance(key, str) and (encoded[key] is not None or item is None)
-                for key, item in value.items()
-            )
-            out[name] = encoded if whole else None
-        else:
-            out[name] = _json_value(value)
+    out = {name: _json_value(value, mapping=True) for name, value in params.items()}
     return out, [name for name, value in params.items() if out[name] is None and value is not None]
 
 
-def _json_value(value: Any) -> Any:
-    """Return a JSON scalar (or a list of numbers) for ``value``, or ``None`` for none."""
+def _json_value(value: Any, mapping: bool = False) -> Any:
+    """Return a JSON scalar, a list of numbers or (``mapping``) an object of those, or None."""
+    import dataclasses
+
     import numpy as np
     import torch
 
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        out = {key: _json_value(item) for key, item in value.items()}
+        kept = (isinstance(k, str) and (out[k] is not None or v is None) for k, v in value.items())
+        return out if mapping and all(kept) else None
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, os.PathLike | torch.device):

@@ -44,8 +44,8 @@ _ZIP_ERRORS += (EOFError, struct.error, ValueError)
 def verified_members(source: str | os.PathLike[str] | bytes) -> tuple[Any, Any, dict[str, bytes]]:
     """Check the archive, its members, the manifest and the checksums; read the payload.
 
-    ``source`` is a path or the archive's bytes (:func:`archive_bytes`). Returns how
-    messages name it, the manifest and the payload members by name.
+    ``source`` is a path or the archive's bytes (:func:`~msc_detector.persistence.dumps`).
+    Returns how messages name it, the manifest and the payload members by name.
     """
     if isinstance(source, bytes | bytearray | memoryview):
         where: Any = f"<{len(source)} bytes>"
