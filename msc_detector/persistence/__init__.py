@@ -27,6 +27,7 @@ import warnings
 from typing import Any
 
 from msc_detector._atomic import atomic_write
+from msc_detector.persistence import codec
 from msc_detector.persistence.codec import SavedModel, decode, encode, json_params
 from msc_detector.persistence.container import verified_members, write_archive
 from msc_detector.persistence.schema import (
@@ -84,10 +85,8 @@ def inspect(path: str | os.PathLike[str] | bytes) -> dict[str, Any]:
     <msc_detector.MSCDetector.load>` builds. Returns ``format``, ``format_version``,
     the keys of ``metadata.json`` and ``members`` (name -> ``{"size", "sha256"}``).
     """
-    from msc_detector.persistence.codec import metadata_and_arrays
-
     where, manifest, members = verified_members(path)
-    metadata, _ = metadata_and_arrays(where, members, manifest["format_version"])
+    metadata, _ = codec.metadata_and_arrays(where, members, manifest["format_version"])
     info = {key: manifest[key] for key in ("format", "format_version")}
     return {**info, **metadata, "members": manifest["members"]}
 
