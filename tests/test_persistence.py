@@ -173,8 +173,9 @@ def test_round_trip_restores_parameters_and_every_fitted_attribute(model) -> Non
     assert loaded.get_params() == detector.get_params()
     cache = {"_compute_backbone"}  # a cache some versions keep, rebuilt on demand
     assert set(vars(loaded)) - cache == set(vars(detector)) - cache
-    for name, field in persistence.FITTED.items():
-        assert field.encode(getattr(loaded, name)) == field.encode(getattr(detector, name)), name
+    assert loaded.model_.state()[0] == detector.model_.state()[0]  # every fitted scalar
+    assert set(detector.model_.state()[0]) | {"offset_"} == set(persistence.FITTED)
+    assert loaded.offset_ == detector.offset_
     assert loaded.backbone_spec_ == detector.backbone_spec_
     assert loaded.device_ == torch.device("cpu")
     np.testing.assert_array_equal(loaded.center_, detector.center_)
@@ -198,10 +199,10 @@ def test_encode_and_decode_round_trip_without_a_file(model) -> None:
     decoded = persistence.decode(members, "pickle")
     assert decoded.fitted == json.loads(members["metadata.json"])["fitted"]
     assert decoded.fitted["device_"] == "cpu"
-    assert decoded.backbone_spec == detector.backbone_spec_
-    assert decoded.pretrained_backbone is None
-    np.testing.assert_array_equal(decoded.index.vectors(), detector.index_.vectors())
-    state = decoded.backbone.state_dict()
+    assert decoded.parts.spec == detector.backbone_spec_
+    assert decoded.parts.pretrained is None
+    np.testing.assert_array_equal(decoded.parts.index.vectors(), detector.index_.vectors())
+    state = decoded.parts.backbone.state_dict()
     for key, value in detector.backbone_.state_dict().items():
         torch.testing.assert_close(state[key], value.to(state[key].dtype), rtol=0, atol=0)
     with pytest.raises(ModelFileError, match=r"pickle is not a usable.*missing member"):
@@ -260,7 +261,7 @@ def test_parameters_are_encoded_as_json() -> None:
         "random_state": np.random.RandomState(0),
         "epoch_callback": print,
     }
-    encoded, dropped = persistence._json_params(params)
+    encoded, dropped = persistence.codec.json_params(params)
     assert encoded == {
         "weights": "/models/w.pth",
         "device": "cuda:1",
@@ -384,7 +385,7 @@ def test_every_flipped_bit_in_the_central_directory_is_a_model_file_error(tmp_pa
             damaged[offset] ^= 1 << bit
             path.write_bytes(bytes(damaged))
             try:
-                _, _, members = persistence._verified_members(path)
+                _, _, members = persistence.container.verified_members(path)
             except ModelFileError:
                 continue
             assert members == payload, (offset, bit)  # a harmless bit, e.g. of a timestamp
@@ -461,7 +462,7 @@ def test_an_invalid_backbone_spec_is_refused(saved: Path) -> None:
 
 def test_a_metadata_member_over_its_size_limit(saved: Path, reader) -> None:
     members = read_members(saved)
-    limit = persistence._LIMITS["metadata.json"]
+    limit = persistence.schema.LIMITS["metadata.json"]
     members["metadata.json"] += b" " * (limit + 1 - len(members["metadata.json"]))
     write_members(saved, members)
     with pytest.raises(ModelFileError, match=rf"'metadata\.json' declares more than {limit}"):
@@ -477,7 +478,7 @@ def test_a_history_over_its_length_limit(saved: Path, reader) -> None:
 
 
 def test_oversized_members_are_refused_before_reading(saved: Path, reader, monkeypatch) -> None:
-    monkeypatch.setitem(persistence._LIMITS, "metadata.json", 100)
+    monkeypatch.setitem(persistence.schema.LIMITS, "metadata.json", 100)
     monkeypatch.setattr(
         persistence.container, "_read", lambda *a, **k: pytest.fail("a member was read")
     )
@@ -589,6 +590,29 @@ def test_arrays_that_disagree_with_the_metadata(saved: Path, reader) -> None:
 def test_index_vectors_of_the_wrong_width_for_the_views(saved: Path, reader) -> None:
     edit_metadata(saved, lambda m: m["fitted"].update(nearest_view_=True))  # one view stored
     with pytest.raises(ModelFileError, match=r"arrays\.safetensors holds .*'index_vectors'"):
+        reader(saved)
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("patch_positions", lambda a: a[:, :1], r"'patch_positions' as int64 \(\d+, 1\)"),
+        ("patch_baseline", lambda a: a.astype(np.float64), "'patch_baseline' as float64"),
+        ("patch_owners", lambda a: a + 1000, "patch owners or positions outside their range"),
+    ],
+)
+def test_patch_arrays_that_disagree_with_the_metadata(saved: Path, reader, name, change, message):
+    def edit(arrays: dict) -> dict:
+        return {**arrays, name: np.ascontiguousarray(change(arrays[name]))}
+
+    edit_safetensors(saved, "arrays.safetensors", edit)
+    with pytest.raises(ModelFileError, match=message):
+        reader(saved)
+
+
+def test_metadata_without_an_index_is_only_read_in_format_2(saved: Path, reader) -> None:
+    edit_metadata(saved, lambda m: m.pop("index"))
+    with pytest.raises(ModelFileError, match=r"metadata\.json must be an object with the keys"):
         reader(saved)
 
 
@@ -874,7 +898,7 @@ def test_preprocess_is_encoded_as_json() -> None:
         "partial": {"mean": np.array([0.5, 0.5, 0.5]), "input_size": np.int64(64)},
         "strange": {"mean": object()},
     }
-    encoded, dropped = persistence._json_params(params)
+    encoded, dropped = persistence.codec.json_params(params)
     assert encoded == {
         "config": {
             "input_size": 224,
@@ -922,7 +946,7 @@ def test_a_module_detector_is_not_saved_and_the_error_names_joblib(tmp_path: Pat
     members = persistence.encode(detector, networks=False)
     assert list(members) == ["metadata.json", "arrays.safetensors"]
     decoded = persistence.decode(members, "pickle", networks=(detector.backbone_, None))
-    assert decoded.backbone is detector.backbone_ and decoded.backbone_spec.is_module
+    assert decoded.parts.backbone is detector.backbone_ and decoded.parts.spec.is_module
     with pytest.raises(ModelFileError, match=r"missing member 'networks\.safetensors'"):
         persistence.decode(members, "pickle")  # without the modules, nothing to build
     restored = joblib.load(io.BytesIO(pickled(detector)))

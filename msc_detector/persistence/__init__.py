@@ -21,25 +21,20 @@ and back.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
+from msc_detector._atomic import atomic_write
+from msc_detector.persistence import codec
 from msc_detector.persistence.codec import SavedModel, decode, encode, json_params
-from msc_detector.persistence.container import (
-    archive_bytes,
-    pack,
-    verified_members,
-    write_atomically,
-)
+from msc_detector.persistence.container import verified_members, write_archive
 from msc_detector.persistence.schema import (
     FITTED,
     FORMAT_VERSION,
-    LIMITS,
     MEMBERS,
     METADATA_SCHEMA,
-    NOT_SAVED,
     READABLE_VERSIONS,
     ModelFileError,
 )
@@ -48,21 +43,14 @@ __all__ = ["FITTED", "FORMAT_VERSION", "MEMBERS", "METADATA_SCHEMA", "READABLE_V
 __all__ += ["ModelFileError", "SavedModel", "decode", "dumps", "encode", "inspect", "read"]
 __all__ += ["save"]
 
-# The names tests and older callers reach for.
-_LIMITS = LIMITS
-_json_params = json_params
-_verified_members = verified_members
-
 
 def _payload(detector: Any) -> dict[str, bytes]:
-    """Return the members of a detector's model file, warning about dropped parameters."""
-    spec = detector.backbone_spec_
-    if spec.is_module:
-        raise ValueError(NOT_SAVED.format(kind=spec.architecture.split(":", 1)[1]))
+    """Return the payload of a detector's model file, warning about dropped parameters."""
+    payload = encode(detector)  # refuses a module backbone
     if dropped := json_params(detector.get_params(deep=False))[1]:
         message = f"{', '.join(dropped)} cannot be stored in a model file: saved as None"
         warnings.warn(f"{message} (only fit uses it).", UserWarning, stacklevel=4)
-    return pack(encode(detector))
+    return payload
 
 
 def save(detector: Any, path: str | os.PathLike[str]) -> None:
@@ -72,12 +60,16 @@ def save(detector: Any, path: str | os.PathLike[str]) -> None:
     ``RandomState`` as ``random_state``) are dropped: they load as ``None``. Refuses,
     with a ``ValueError`` that names joblib, a detector whose backbone is a module.
     """
-    write_atomically(Path(path), _payload(detector))
+    payload = _payload(detector)
+    with atomic_write(path) as handle:
+        write_archive(handle, payload)
 
 
 def dumps(detector: Any) -> bytes:
     """Return the bytes of ``detector``'s model file, in memory (see :func:`save`)."""
-    return archive_bytes(_payload(detector))
+    buffer = io.BytesIO()
+    write_archive(buffer, _payload(detector))
+    return buffer.getvalue()
 
 
 def read(source: str | os.PathLike[str] | bytes) -> SavedModel:
@@ -93,10 +85,8 @@ def inspect(path: str | os.PathLike[str] | bytes) -> dict[str, Any]:
     <msc_detector.MSCDetector.load>` builds. Returns ``format``, ``format_version``,
     the keys of ``metadata.json`` and ``members`` (name -> ``{"size", "sha256"}``).
     """
-    from msc_detector.persistence.codec import metadata_and_arrays
-
     where, manifest, members = verified_members(path)
-    metadata, _ = metadata_and_arrays(where, members, manifest["format_version"])
+    metadata, _ = codec.metadata_and_arrays(where, members, manifest["format_version"])
     info = {key: manifest[key] for key in ("format", "format_version")}
     return {**info, **metadata, "members": manifest["members"]}
 

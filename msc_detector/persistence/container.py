@@ -2,8 +2,7 @@
 
 Reading verifies, before anything is parsed, that the archive holds exactly the
 expected members, uncompressed, within their size limits, matching the manifest's
-sizes and SHA-256 digests. Writing is atomic (beside the target, fsync, rename) and
-goes through a symbolic link to its target, keeping the replaced file's mode.
+sizes and SHA-256 digests.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from msc_detector._atomic import atomic_write
 from msc_detector.persistence.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -35,7 +33,7 @@ from msc_detector.persistence.schema import (
     parse,
 )
 
-__all__ = ["archive_bytes", "pack", "verified_members", "write_atomically"]
+__all__ = ["verified_members", "write_archive"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # What zipfile raises on a damaged archive: a flipped bit can give any of these.
@@ -46,8 +44,8 @@ _ZIP_ERRORS += (EOFError, struct.error, ValueError)
 def verified_members(source: str | os.PathLike[str] | bytes) -> tuple[Any, Any, dict[str, bytes]]:
     """Check the archive, its members, the manifest and the checksums; read the payload.
 
-    ``source`` is a path or the archive's bytes (:func:`archive_bytes`). Returns how
-    messages name it, the manifest and the payload members by name.
+    ``source`` is a path or the archive's bytes (:func:`~msc_detector.persistence.dumps`).
+    Returns how messages name it, the manifest and the payload members by name.
     """
     if isinstance(source, bytes | bytearray | memoryview):
         where: Any = f"<{len(source)} bytes>"
@@ -129,32 +127,19 @@ def _check_manifest(where: object, manifest: Any) -> None:
     check(where, MANIFEST, manifest, MANIFEST_SCHEMA)
 
 
-def pack(payload: Mapping[str, bytes]) -> dict[str, bytes]:
-    """Return the archive's members: a manifest of sizes and SHA-256 digests, the payload."""
-    members = {
+def write_archive(handle: IO[bytes], payload: Mapping[str, bytes]) -> None:
+    """Write the archive of ``payload`` (from ``encode``) to ``handle``, under its manifest.
+
+    The manifest lists each member's size and SHA-256 digest; members are stored.
+    """
+    listed = {
         name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         for name, data in payload.items()
     }
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "members": members}
-    return {MANIFEST: json.dumps(manifest, indent=2).encode(), **payload}
-
-
-def _write_archive(handle: IO[bytes], members: Mapping[str, bytes]) -> None:
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "members": listed}
+    members = {MANIFEST: json.dumps(manifest, indent=2).encode(), **payload}
     with zipfile.ZipFile(handle, "w") as archive:  # stored: the default
         for name, data in members.items():
             info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
             info.external_attr = 0o644 << 16
             archive.writestr(info, data)
-
-
-def archive_bytes(members: Mapping[str, bytes]) -> bytes:
-    """Return the archive of ``members`` (from :func:`pack`) in memory."""
-    buffer = io.BytesIO()
-    _write_archive(buffer, members)
-    return buffer.getvalue()
-
-
-def write_atomically(path: Path, members: Mapping[str, bytes]) -> None:
-    """Write the archive to ``path`` whole or not at all (see :mod:`msc_detector._atomic`)."""
-    with atomic_write(path) as handle:
-        _write_archive(handle, members)

@@ -7,7 +7,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-__all__ = ["FITTED", "FORMAT_VERSION", "METADATA_SCHEMA", "READABLE_VERSIONS", "ModelFileError"]
+__all__ = ["ARRAY_SHAPES", "FITTED", "FORMAT_VERSION", "METADATA_SCHEMA", "READABLE_VERSIONS"]
+__all__ += ["UPGRADES", "ModelFileError"]
 
 FORMAT_NAME = "msc-detector-model"
 #: The model-file format this code writes, and the newest it reads.
@@ -31,11 +32,10 @@ class ModelFileError(ValueError):
 
 
 class Field(NamedTuple):
-    """A key of a JSON member: what is valid, said in words, and how it is encoded."""
+    """A key of a JSON member: what is valid, and the same said in words."""
 
     valid: Callable[[Any], Any]
     meaning: str
-    encode: Callable[[Any], Any] = lambda value: value  # FITTED: the attribute -> JSON
 
 
 def _is(*types: type, test: Callable[[Any], Any] | None = None) -> Callable[[Any], bool]:
@@ -52,16 +52,33 @@ def _mapping(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return _is(dict, test=lambda mapping: all(map(valid, mapping.values())))
 
 
+def _list(valid: Callable[[Any], bool], meaning: str, most: int, least: int = 0) -> Field:
+    """Return a field: a list of ``least`` to ``most`` valid items, ``meaning`` in words."""
+    fits = _is(list, test=lambda v: least <= len(v) <= most and all(map(valid, v)))
+    return Field(fits, f"a list of {meaning}")
+
+
+def _object(**fields: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """Return a check: an object of exactly these keys, each valid."""
+    keys = sorted(fields)
+    return _is(dict, test=lambda v: sorted(v) == keys and all(fields[k](v[k]) for k in keys))
+
+
+def _one_of(*choices: str) -> Field:
+    return Field(lambda v: v in choices, f"{', '.join(choices[:-1])} or {choices[-1]}")
+
+
 _NUMBER = (int, float)
 is_int = _is(int)
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d{1,4})?")
 _SHA256 = re.compile("[0-9a-f]{64}")
-_HISTORY_ENTRY = _mapping(_is(*_NUMBER))
 _POSITIVE = _is(int, test=lambda v: v > 0)
 _SCALAR = _is(type(None), bool, *_NUMBER, str)
-_NUMBERS = _is(list, test=lambda items: len(items) <= 16 and all(map(_is(*_NUMBER), items)))
-_POSITIVE_NUMBER = _is(*_NUMBER, test=lambda v: math.isfinite(v) and v > 0)
+_NUMBERS = _list(_is(*_NUMBER), "numbers", 16).valid
 _FINITE = _is(*_NUMBER, test=math.isfinite)
+_POSITIVE_NUMBER = _is(*_NUMBER, test=lambda v: math.isfinite(v) and v > 0)
+_STR = _is(str)
+_BOOLEAN, _STRING = Field(_is(bool), "a boolean"), Field(_STR, "a string")
 NOT_SAVED = (
     "A detector whose backbone is a torch.nn.Module ({kind}) cannot be saved as a model "
     "file: a model file rebuilds its network from a timm architecture name and holds no "
@@ -69,58 +86,58 @@ NOT_SAVED = (
     "only where you trust the file (unpickling can run code)."
 )
 
-#: The fitted scalars, ``metadata.json["fitted"]``: one entry per detector attribute.
+#: The fitted scalars, ``metadata.json["fitted"]``: ``offset_`` and the scalars of
+#: :meth:`FittedModel.state <msc_detector.model.FittedModel.state>`.
 FITTED: dict[str, Field] = {
-    "offset_": Field(_FINITE, "a finite number", float),
-    "image_size_": Field(_is(int, test=lambda v: 16 <= v <= 4096), "an int in [16, 4096]", int),
-    "crop_pct_": Field(_is(*_NUMBER, test=lambda v: 0 < v <= 1), "a number in (0, 1]", float),
-    "flip_average_": Field(_is(bool), "a boolean", bool),
-    "nearest_view_": Field(_is(bool), "a boolean", bool),
-    "n_train_": Field(_POSITIVE, "a positive integer", int),
-    "history_": Field(
-        _is(list, test=lambda v: len(v) <= _MAX_HISTORY and all(map(_HISTORY_ENTRY, v))),
-        f"a list of at most {_MAX_HISTORY} objects of numbers",
-        list,
+    "offset_": Field(_FINITE, "a finite number"),
+    "image_size_": Field(_is(int, test=lambda v: 16 <= v <= 4096), "an int in [16, 4096]"),
+    "crop_pct_": Field(_is(*_NUMBER, test=lambda v: 0 < v <= 1), "a number in (0, 1]"),
+    "flip_average_": _BOOLEAN,
+    "nearest_view_": _BOOLEAN,
+    "n_train_": Field(_POSITIVE, "a positive integer"),
+    "history_": _list(
+        _mapping(_is(*_NUMBER)), f"at most {_MAX_HISTORY} objects of numbers", _MAX_HISTORY
     ),
-    "device_": Field(_is(str, test=_DEVICE.fullmatch), "a device such as 'cuda:0'", str),
-    "precision_": Field(
-        lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16", lambda p: p.name
-    ),
-    "weights_source_": Field(_is(str), "a string", str),
-    "patch_stages_": Field(
-        _is(list, test=lambda v: len(v) <= 16 and all(map(_is(str), v))),
-        "a list of at most 16 module names",
-        list,
-    ),
-    "image_score_": Field(
-        lambda v: v in ("combined", "global", "patch"), "combined, global or patch", str
-    ),
-    "score_locations_": Field(
-        _is(list, test=lambda v: len(v) == 2 and all(map(_FINITE, v))),
-        "a list of two finite numbers",
-        lambda v: [float(x) for x in v],
-    ),
-    "score_scales_": Field(
-        _is(list, test=lambda v: len(v) == 2 and all(map(_POSITIVE_NUMBER, v))),
-        "a list of two positive finite numbers",
-        lambda v: [float(x) for x in v],
-    ),
+    "device_": Field(_is(str, test=_DEVICE.fullmatch), "a device such as 'cuda:0'"),
+    "precision_": _one_of("fp32", "bf16", "fp16"),
+    "weights_source_": _STRING,
+    "patch_stages_": _list(_STR, "at most 16 module names", 16),
+    "image_score_": _one_of("combined", "global", "patch"),
+    "score_locations_": _list(_FINITE, "two finite numbers", 2, 2),
+    "score_scales_": _list(_POSITIVE_NUMBER, "two positive finite numbers", 2, 2),
 }
-#: What older files mean for the fitted keys later formats added.
-FORMAT_2_FITTED = {"patch_stages_": [], "image_score_": "global", "score_scales_": [1.0, 1.0]}
-FORMAT_3_FITTED = {"score_locations_": [0.0, 0.0]}
-PATCH_ARRAYS = (
-    "patch_vectors",
-    "patch_owners",
-    "patch_positions",
-    "patch_grid",
-    "patch_baseline",
-)
+#: What a file of each older format means for the keys later formats added: a file of
+#: format ``v`` takes the keys of every entry from ``v`` on, per object of ``metadata.json``.
+#: (Format 2 also has no ``index``: its index is flat.)
+UPGRADES: dict[int, dict[str, dict[str, Any]]] = {
+    2: {
+        "fitted": {"patch_stages_": [], "image_score_": "global", "score_scales_": [1.0, 1.0]},
+        "params": {"patch_memory": None},
+    },
+    3: {"fitted": {"score_locations_": [0.0, 0.0]}},  # "combined" was not centred
+}
+#: The arrays of ``arrays.safetensors``: name -> dtype and shape. The sizes: ``n`` training
+#: images of ``f`` features, an index of width ``d`` (``f``, or ``2f`` with the nearest
+#: view), ``m`` bank patches of width ``p`` on a grid of ``h`` x ``w`` (``patch_grid``),
+#: ``b`` and ``c`` bytes. An approximate index's arrays (``index.*``) are checked as it
+#: is rebuilt.
+ARRAY_SHAPES: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    "center_": ("float32", ("f",)),
+    "train_scores_": ("float64", ("n",)),
+    "index_vectors": ("float32", ("n", "d")),
+    "index_faiss": ("uint8", ("b",)),
+    "train_paths": ("uint8", ("c",)),  # the n paths, each followed by a NUL byte
+    "patch_vectors": ("float32", ("m", "p")),
+    "patch_owners": ("int64", ("m",)),
+    "patch_positions": ("int64", ("m", 2)),
+    "patch_grid": ("int64", (2,)),
+    "patch_baseline": ("float32", ("h", "w")),
+}
 #: The keys of ``metadata.json``; :func:`decode` checks ``backbone_spec`` further.
 METADATA_SCHEMA: dict[str, Field] = {
-    "estimator": Field(_is(str), "a string"),
-    "created": Field(_is(str), "a string"),
-    "versions": Field(_mapping(_is(str)), "an object of strings"),
+    "estimator": _STRING,
+    "created": _STRING,
+    "versions": Field(_mapping(_STR), "an object of strings"),
     "params": Field(
         _mapping(
             lambda v: _SCALAR(v) or _NUMBERS(v) or _mapping(lambda f: _SCALAR(f) or _NUMBERS(f))(v)
@@ -133,22 +150,18 @@ METADATA_SCHEMA: dict[str, Field] = {
     ),
     "fitted": Field(_is(dict), "an object"),
     "index": Field(
-        _is(
-            dict,
-            test=lambda v: (
-                sorted(v) == ["dim", "faiss_class", "kind", "ntotal", "params"]
-                and _is(str)(v["kind"])
-                and _is(str)(v["faiss_class"])
-                and _mapping(_POSITIVE)(v["params"])
-                and _POSITIVE(v["dim"])
-                and _POSITIVE(v["ntotal"])
-            ),
+        _object(
+            kind=_STR,
+            params=_mapping(_POSITIVE),
+            faiss_class=_STR,
+            dim=_POSITIVE,
+            ntotal=_POSITIVE,
         ),
         "an object of kind, params, faiss_class, dim and ntotal",
     ),
 }
 _SIZE, _DIGEST = _is(int, test=lambda v: v >= 0), _is(str, test=_SHA256.fullmatch)
-_ENTRY = _is(dict, test=lambda v: _SIZE(v.get("size")) and _DIGEST(v.get("sha256")))
+_ENTRY = _object(size=_SIZE, sha256=_DIGEST)
 MANIFEST_SCHEMA = {
     "format": Field(lambda v: v == FORMAT_NAME, repr(FORMAT_NAME)),
     "format_version": Field(
