@@ -177,7 +177,8 @@ def components(name: str, params: dict[str, Any] | None = None) -> dict[str, np.
 
     train, test, is_anomaly = load_set(name)
     start = time.perf_counter()
-    det = MSCDetector(random_state=0, **{"image_score": "combined", **params}).fit(train)
+    detector_params = {k: v for k, v in params.items() if k != "coreset_block"}
+    det = MSCDetector(random_state=0, **{"image_score": "combined", **detector_params}).fit(train)
     fit_seconds = time.perf_counter() - start
     sq, _ = det.index_.search_leave_self_out(det.n_neighbors)
     global_train = sq.sum(axis=1, dtype=np.float64)
@@ -255,8 +256,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="KEY=VALUE",
         help="detector parameters (JSON values, else strings), e.g. patch_memory=4096",
     )
+    p.add_argument(
+        "--coreset-block",
+        type=int,
+        default=None,
+        help="candidates per greedy coreset selection (msc_detector.coreset.BLOCK)",
+    )
     args = p.parse_args(argv)
     params = dict(_parse_param(item) for item in args.params)
+    if args.coreset_block is not None:
+        from msc_detector import coreset
+
+        coreset.BLOCK = args.coreset_block
+        params["coreset_block"] = args.coreset_block  # names the cache folder
     command = shlex.join(["python", "-m", "benchmarks.score_rules", *(argv or sys.argv[1:])])
     rows: dict[str, dict[str, float]] = {}
     for name in args.sets:

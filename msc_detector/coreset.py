@@ -18,7 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["StreamingCoreset", "greedy_k_center"]
+__all__ = ["BLOCK", "StreamingCoreset", "greedy_k_center"]
+
+#: Candidates per greedy selection, unless a coreset is given its own ``block``.
+BLOCK = 8192
 
 
 def greedy_k_center(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -66,19 +69,24 @@ class StreamingCoreset:
         Number to keep (all of them where ``total <= memory``).
     seed : int
         Seeds the projection and the first pick of each block.
-    block : int, default=16384
-        Candidates per greedy selection.
+    block : int, optional
+        Candidates per greedy selection (default: :data:`BLOCK`).
     projection_dim : int, default=128
         Width of the random projection used to measure distances (none where the
         vectors are no wider).
     """
 
     def __init__(
-        self, total: int, memory: int, seed: int, block: int = 16384, projection_dim: int = 128
+        self,
+        total: int,
+        memory: int,
+        seed: int,
+        block: int | None = None,
+        projection_dim: int = 128,
     ) -> None:
         self.total = int(total)
         self.target = min(int(memory), self.total)
-        self.block = int(block)
+        self.block = int(BLOCK if block is None else block)
         self.projection_dim = int(projection_dim)
         self._generator = torch.Generator().manual_seed(int(seed))
         self._projection: torch.Tensor | None = None
