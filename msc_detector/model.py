@@ -118,14 +118,14 @@ class PatchScorer:
         todo = np.arange(n)
         while len(todo):
             maps = grid_to_maps(self.excess(np.sqrt(np.maximum(squared[todo], 0.0))), size)
-            peaks = maps.flatten(1).argmax(dim=1).numpy()
+            values, peaks = (part.numpy() for part in maps.flatten(1).max(dim=1))
             wanted = np.zeros((len(todo), h, w), bool)
             for j, (y, x) in enumerate(zip(*np.unravel_index(peaks, (size, size)), strict=True)):
                 rows = slice(rows_first[y], rows_last[y] + 1)
                 wanted[j, rows, cols_first[x] : cols_last[x] + 1] = True
             wanted &= ~exact[todo]
             settled = ~wanted.any(axis=(1, 2))
-            result[todo[settled]] = maps.flatten(1).amax(dim=1).double().numpy()[settled]
+            result[todo[settled]] = values[settled]
             needed = np.zeros_like(exact)
             needed[todo] = wanted
             self._search_exactly(queries, patch_owners, squared, exact, needed)
