@@ -250,7 +250,7 @@ def grid_to_maps(distances: torch.Tensor, size: int) -> torch.Tensor:
     ``SIGMA_AT_224 * size / 224`` pixels (as two small matrix products per map).
     """
     h, w = distances.shape[-2:]
-    rows, cols = _map_operator(size, h), _map_operator(size, w)
+    rows, cols = (_map_operator(size, n).to(distances.device) for n in (h, w))
     return rows @ distances.float() @ cols.T
 
 
