@@ -1,0 +1,180 @@
+"""What the patch evidence's searches cost, and the coreset's block and projection.
+
+One default detector is fitted on 224-pixel crops of OpenCV's sample photos (as
+:mod:`benchmarks.verdict_cost`); the patch embeddings of the test crops then measure:
+
+* the **patch anomaly** (each image's map maximum), from every patch searched exactly
+  against the bank and from :meth:`PatchScorer.anomalies
+  <msc_detector.model.PatchScorer.anomalies>` (a coarse bound, exact search under the
+  peak): milliseconds per image, patches searched exactly per image, the largest
+  relative difference between the two;
+* the **coarse index**: seconds to build the bank's index with it;
+* the **coreset**: greedy k-centre selection of 16,384 of the test patches with blocks
+  of 16,384 or 8,192 candidates and a 128- or 64-dimensional projection: seconds, and
+  the mean and largest distance of every 37th patch to the nearest kept one.
+
+Timings need a quiet machine. Results go to ``benchmarks/results/<name>.json`` and ``.md``.
+
+Example
+-------
+::
+
+    python -m benchmarks.patch_search --train 200 --test 200 --name patch_search_224
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.machine_info import machine
+from benchmarks.verdict_cost import crops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CORESETS = ((16384, 128), (8192, 128), (16384, 64))
+
+
+def patch_anomaly_rows(det: Any, features: list[torch.Tensor]) -> dict[str, float]:
+    """Exhaustive against bounded patch anomalies of the batches ``features``."""
+    from msc_detector.index import PatchIndex
+    from msc_detector.patches import grid_to_maps
+
+    scorer, size = det.model_.patches, det.image_size_
+    bank = scorer.bank
+    n = sum(len(f) for f in features)
+    start = time.perf_counter()
+    exhaustive = np.concatenate(
+        [
+            grid_to_maps(scorer.excess(scorer.raw_distances(f)[0]), size).amax(dim=(1, 2)).numpy()
+            for f in features
+        ]
+    )
+    exhaustive_seconds = time.perf_counter() - start
+    searched: list[int] = []
+    nearest = bank.nearest
+    bank.nearest = lambda queries: searched.append(len(queries)) or nearest(queries)
+    start = time.perf_counter()
+    bounded = np.concatenate([scorer.anomalies(f, size) for f in features])
+    bounded_seconds = time.perf_counter() - start
+    del bank.nearest
+    start = time.perf_counter()
+    PatchIndex(bank.vectors(), bank.owners, bank.positions, bank.grid, bank.baseline)
+    build_seconds = time.perf_counter() - start
+    return {
+        "images": n,
+        "patches_per_image": int(np.prod(features[0].shape[1:3])),
+        "bank_patches": len(bank),
+        "exhaustive_ms_per_image": 1000 * exhaustive_seconds / n,
+        "bounded_ms_per_image": 1000 * bounded_seconds / n,
+        "exact_searches_per_image": sum(searched) / n,
+        "max_relative_difference": float(
+            np.max(np.abs(bounded - exhaustive) / np.maximum(np.abs(exhaustive), 1e-12))
+        ),
+        "bank_index_build_seconds": build_seconds,
+    }
+
+
+def coreset_rows(patches: torch.Tensor, memory: int) -> list[dict[str, float]]:
+    """Time and coverage of the coreset settings in :data:`CORESETS`."""
+    from msc_detector.coreset import StreamingCoreset
+
+    probes = patches[::37]
+    rows = []
+    for block, projection in CORESETS:
+        coreset = StreamingCoreset(len(patches), memory, 0, block, projection)
+        tags = np.zeros((len(patches), 3), np.int64)
+        start = time.perf_counter()
+        for first in range(0, len(patches), 6272):
+            coreset.add(patches[first : first + 6272], tags[first : first + 6272])
+        kept, _ = coreset.result()
+        seconds = time.perf_counter() - start
+        cover = torch.cat([torch.cdist(p, kept).min(dim=1).values for p in probes.split(1024)])
+        rows.append(
+            {
+                "block": block,
+                "projection_dim": projection,
+                "seconds": seconds,
+                "mean_cover": float(cover.mean()),
+                "max_cover": float(cover.max()),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    search = result["search"]
+    lines = [
+        f"# {result['name']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {json.dumps(result['machine'])}",
+        "",
+        f"{search['images']} test images of {search['patches_per_image']} patches against a "
+        f"bank of {search['bank_patches']} patches.",
+        "",
+        "| patch anomaly | ms per image |",
+        "|---|---|",
+        f"| every patch searched exactly | {search['exhaustive_ms_per_image']:.2f} |",
+        f"| bounded (PatchScorer.anomalies) | {search['bounded_ms_per_image']:.2f} |",
+        "",
+        f"Patches searched exactly per image by the bounded search: "
+        f"{search['exact_searches_per_image']:.1f}; largest relative difference from the "
+        f"exhaustive maximum: {search['max_relative_difference']:.1e}; building the bank's "
+        f"index with its coarse index: {search['bank_index_build_seconds']:.3f} s.",
+        "",
+        "| coreset block | projection | seconds | mean cover | max cover |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["coresets"]:
+        lines.append(
+            f"| {row['block']} | {row['projection_dim']} | {row['seconds']:.2f} | "
+            f"{row['mean_cover']:.3f} | {row['max_cover']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    from msc_detector import MSCDetector
+    from msc_detector.data import as_image_source
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--train", type=int, default=200, help="training crops")
+    p.add_argument("--test", type=int, default=200, help="crops whose patches are measured")
+    p.add_argument("--size", type=int, default=224, help="crop side (the network's input)")
+    p.add_argument("--name", default="patch_search")
+    args = p.parse_args(argv)
+    det = MSCDetector(random_state=0).fit(crops(args.train, args.size, 0))
+    embedder, stages = det.model_.embedder, det.model_.patches.stages
+    test = as_image_source(crops(args.test, args.size, 1))
+    features = [batch.patches for batch in embedder.embed_batches(test, 32, 0, stages)]
+    search = patch_anomaly_rows(det, features)
+    print(search, flush=True)
+    patches = torch.cat(features).reshape(-1, features[0].shape[-1])
+    result = {
+        "name": args.name,
+        "command": shlex.join(["python", "-m", "benchmarks.patch_search", *sys.argv[1:]]),
+        "settings": vars(args),
+        "machine": machine(),
+        "search": search,
+        "coresets": coreset_rows(patches, len(det.patch_bank_)),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    table = render(result)
+    (RESULTS / f"{args.name}.md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    run()
