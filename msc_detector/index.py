@@ -37,6 +37,7 @@ from msc_detector.index_kinds import (
     has_plain_form,
 )
 from msc_detector.index_storage import Layout, check_serialized_sizes
+from msc_detector.inverted_lists import InvertedLists
 
 __all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "PatchIndex", "check_serialized_sizes"]
 
@@ -886,8 +887,8 @@ class PatchIndex:
     ----------
     index : KNNIndex
         Exact search.
-    coarse : KNNIndex or None
-        Inverted lists over the same patches, built from them (never stored), for
+    coarse : InvertedLists or None
+        The same patches in inverted lists, built from them (never stored), for
         :meth:`nearest_bound`; ``None`` for a bank under 1,024 patches.
     owners, positions : ndarray, int64
     grid : tuple of int
@@ -896,10 +897,10 @@ class PatchIndex:
 
     # Neighbours fetched first by a leave-one-image-out search; doubled where needed.
     _FIRST_K = 16
-    # The coarse index: about this many patches per inverted list, these lists probed per
-    # query, none below this many lists (a small bank is searched exactly, cheaply).
+    # The coarse lists: about this many patches per list, these lists probed per query,
+    # none below this many lists (a small bank is searched exactly, cheaply).
     _PATCHES_PER_LIST = 128
-    _PROBES = 4
+    _PROBES = 3
     _MIN_LISTS = 8
 
     def __init__(
@@ -920,10 +921,9 @@ class PatchIndex:
         if not len(self.owners) == len(self.positions) == self.index.ntotal:
             raise ValueError("A patch index needs one owner and one position per vector.")
         lists = len(self.owners) // self._PATCHES_PER_LIST
-        self.coarse: KNNIndex | None = None
+        self.coarse: InvertedLists | None = None
         if lists >= self._MIN_LISTS:
-            params = {"nlist": lists, "nprobe": min(lists, self._PROBES)}
-            self.coarse = KNNIndex(IndexSpec("ivf", params)).fit(vectors)
+            self.coarse = InvertedLists(vectors, self.owners, lists, self._PROBES)
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -948,11 +948,11 @@ class PatchIndex:
     ) -> np.ndarray:
         """Squared distance to *a* near bank patch: never below the nearest's, mostly equal.
 
-        The coarse index (inverted lists, a few probed) finds a bank patch close to each
-        query at a fraction of an exact search's cost; its distance bounds the nearest
-        distance from above. A bank too small for one is searched exactly. With
-        ``query_owners``, patches of the query's own image are skipped (``inf`` where
-        the coarse search found only those).
+        The coarse lists (:class:`~msc_detector.inverted_lists.InvertedLists`, a few
+        probed) find a bank patch close to each query at a fraction of an exact
+        search's cost; its distance bounds the nearest distance from above. A bank too
+        small for them is searched exactly. With ``query_owners``, patches of the
+        query's own image are skipped (``inf`` where the probed lists hold only those).
 
         Returns
         -------
@@ -962,12 +962,7 @@ class PatchIndex:
             if query_owners is None:
                 return self.nearest(queries)[0]
             return self.nearest_other_image(queries, query_owners)[0]
-        if query_owners is None:
-            return self.coarse.search(queries, 1)[0][:, 0]
-        k = min(self._FIRST_K, len(self))
-        squared, found = self.coarse.search(queries, k)
-        other = self.owners[found] != np.asarray(query_owners, np.int64)[:, None]
-        return np.where(other, squared, np.inf).min(axis=1).astype(np.float32)
+        return self.coarse.nearest_bound(queries, query_owners)
 
     def nearest_other_image(
         self, queries: np.ndarray, query_owners: np.ndarray

@@ -1,0 +1,55 @@
+"""InvertedLists: upper bounds on nearest distances, exact when every list is probed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from msc_detector.inverted_lists import InvertedLists
+
+
+def _bank(m: int = 2048, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, dim)).astype(np.float32), rng.integers(0, 30, m)
+
+
+def _exact(vectors: np.ndarray, queries: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
+    squared = ((queries[:, None, :] - vectors[None]) ** 2).sum(-1)
+    if skip is not None:
+        squared[skip] = np.inf
+    return squared.min(axis=1)
+
+
+def test_bounds_lie_above_the_nearest_distance_and_often_meet_it() -> None:
+    vectors, owners = _bank()
+    queries = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+    bound = InvertedLists(vectors, owners, 16, 2).nearest_bound(queries)
+    exact = _exact(vectors, queries)
+    assert bound.dtype == np.float32 and bound.shape == (300,)
+    assert (bound >= exact - 1e-4 * np.maximum(exact, 1)).all()
+    assert np.isclose(bound, exact, rtol=1e-5).mean() > 0.3  # a near list holds the nearest
+
+
+def test_probing_every_list_gives_the_exact_nearest_distance() -> None:
+    vectors, owners = _bank()
+    queries = np.random.default_rng(2).standard_normal((50, 16)).astype(np.float32)
+    bound = InvertedLists(vectors, owners, 8, 8).nearest_bound(queries)
+    np.testing.assert_allclose(bound, _exact(vectors, queries), rtol=1e-4)
+
+
+def test_leave_one_image_out_skips_the_query_images_own_vectors() -> None:
+    vectors, owners = _bank()
+    queries, query_owners = vectors[:40] + 0.01, owners[:40]
+    lists = InvertedLists(vectors, owners, 8, 8)
+    skip = owners[None, :] == query_owners[:, None]
+    got = lists.nearest_bound(queries, query_owners)
+    np.testing.assert_allclose(got, _exact(vectors, queries, skip), rtol=1e-4)
+    assert (got > 1.0).all()  # not the query's own vector, 0.0001 away
+
+
+def test_a_query_whose_lists_hold_only_its_own_image_is_unbounded() -> None:
+    vectors = np.concatenate([np.zeros((64, 4)), np.full((64, 4), 100.0)]).astype(np.float32)
+    vectors += np.random.default_rng(3).standard_normal(vectors.shape).astype(np.float32)
+    owners = np.repeat([0, 1], 64)
+    lists = InvertedLists(vectors, owners, 2, 1)
+    got = lists.nearest_bound(vectors[:2], owners[:2])
+    assert np.isinf(got).all()
