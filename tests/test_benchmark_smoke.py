@@ -159,5 +159,7 @@ def test_verdict_cost_measures_a_tiny_detector() -> None:
 
     train, test = verdict_cost.crops(6, 32, 0), verdict_cost.crops(4, 32, 1)
     tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 4, "patch_memory": 20}
-    row = verdict_cost.measure(tiny, train, test)
-    assert row["image_score"] == "combined" and row["score_images_per_second"] > 0
+    det, row = verdict_cost.fitted(tiny, train)
+    wall, cpu = verdict_cost.scoring_times(det, test)
+    assert row["image_score"] == "combined" and row["fit_seconds"] > 0
+    assert wall > 0 and cpu > 0
