@@ -14,6 +14,8 @@ search computes them, so a bound is as exact as the exact search it stands in fo
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 import torch
@@ -59,6 +61,17 @@ class InvertedLists:
             (bank[start:end].T.contiguous(), norms[start:end], bank_owners[start:end])
             for start, end in zip([0, *ends[:-1]], ends, strict=True)
         ]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # the centroids' Faiss index pickles as its vectors
+        state["centroids"] = self.centroids.reconstruct_n(0, self.centroids.ntotal)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        centroids = state.pop("centroids")
+        self.__dict__.update(state)
+        self.centroids = faiss.IndexFlatL2(centroids.shape[1])
+        self.centroids.add(centroids)
 
     def nearest_bound(
         self, queries: np.ndarray, query_owners: np.ndarray | None = None

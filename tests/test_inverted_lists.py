@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 
 from msc_detector.inverted_lists import InvertedLists
@@ -53,3 +55,14 @@ def test_a_query_whose_lists_hold_only_its_own_image_is_unbounded() -> None:
     lists = InvertedLists(vectors, owners, 2, 1)
     got = lists.nearest_bound(vectors[:2], owners[:2])
     assert np.isinf(got).all()
+
+
+def test_a_pickled_copy_gives_the_same_bounds() -> None:
+    vectors, owners = _bank()
+    queries = np.random.default_rng(4).standard_normal((60, 16)).astype(np.float32)
+    lists = InvertedLists(vectors, owners, 16, 2)
+    copy = pickle.loads(pickle.dumps(lists))
+    np.testing.assert_array_equal(copy.nearest_bound(queries), lists.nearest_bound(queries))
+    np.testing.assert_array_equal(
+        copy.nearest_bound(queries, owners[:60]), lists.nearest_bound(queries, owners[:60])
+    )
