@@ -31,6 +31,7 @@ from msc_detector.persistence.schema import (
     UPGRADES,
     check,
     error,
+    is_param,
     parse,
 )
 
@@ -107,38 +108,33 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
 def json_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Encode estimator parameters for JSON; return them and the names set to None.
 
-    Scalars, paths and devices are kept; so is a flat mapping of those or of sequences
-    of numbers (``preprocess``, a dict or a ``PreprocessConfig``). Anything else, and a
-    mapping holding anything else, is ``None``.
+    A value is kept where its JSON form (numpy values, paths, devices and dataclasses
+    made plain) is one that ``metadata.json`` holds (:func:`~.schema.is_param`).
     """
-    out = {name: _json_value(value, mapping=True) for name, value in params.items()}
+    out = {name: _json_value(value) for name, value in params.items()}
     return out, [name for name, value in params.items() if out[name] is None and value is not None]
 
 
-def _json_value(value: Any, mapping: bool = False) -> Any:
-    """Return a JSON scalar, a list of numbers or (``mapping``) an object of those, or None."""
+def _json_value(value: Any) -> Any:
     import dataclasses
 
     import numpy as np
     import torch
 
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        out = {key: _json_value(item) for key, item in value.items()}
-        kept = (isinstance(k, str) and (out[k] is not None or v is None) for k, v in value.items())
-        return out if mapping and all(kept) else None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, os.PathLike | torch.device):
-        return str(os.fspath(value) if isinstance(value, os.PathLike) else value)
-    if isinstance(value, None | bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple | np.ndarray) and len(value) <= 16:
-        items = [v.item() if isinstance(v, np.generic) else v for v in value]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
-            return items
-    return None
+    def plain(v: Any) -> Any:  # what json.dumps cannot write itself
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return dataclasses.asdict(v)
+        if isinstance(v, np.generic | np.ndarray):
+            return v.tolist()
+        if isinstance(v, os.PathLike | torch.device):
+            return str(os.fspath(v) if isinstance(v, os.PathLike) else v)
+        raise TypeError(type(v).__name__)
+
+    try:
+        encoded = json.loads(json.dumps(value, default=plain))
+    except (TypeError, ValueError):  # an object JSON cannot hold, a key that is no string
+        return None
+    return encoded if is_param(encoded) else None
 
 
 def _running_versions() -> dict[str, str]:

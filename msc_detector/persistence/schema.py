@@ -86,6 +86,17 @@ NOT_SAVED = (
     "only where you trust the file (unpickling can run code)."
 )
 
+
+def is_param(value: Any, nested: bool = True) -> bool:
+    """Whether ``metadata.json`` can hold a parameter value.
+
+    A JSON scalar, a list of at most 16 numbers or, where ``nested``, an object of those.
+    """
+    if nested and isinstance(value, dict):
+        return all(is_param(item, nested=False) for item in value.values())
+    return _SCALAR(value) or _NUMBERS(value)
+
+
 #: The fitted scalars, ``metadata.json["fitted"]``: ``offset_`` and the scalars of
 #: :meth:`FittedModel.state <msc_detector.model.FittedModel.state>`.
 FITTED: dict[str, Field] = {
@@ -139,9 +150,7 @@ METADATA_SCHEMA: dict[str, Field] = {
     "created": _STRING,
     "versions": Field(_mapping(_STR), "an object of strings"),
     "params": Field(
-        _mapping(
-            lambda v: _SCALAR(v) or _NUMBERS(v) or _mapping(lambda f: _SCALAR(f) or _NUMBERS(f))(v)
-        ),
+        _mapping(is_param),
         "an object of nulls, booleans, numbers, strings, arrays of numbers and objects of those",
     ),
     "backbone_spec": Field(
