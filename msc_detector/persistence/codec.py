@@ -26,7 +26,6 @@ from msc_detector.persistence.schema import (
     METADATA,
     METADATA_SCHEMA,
     NETWORKS,
-    NOT_SAVED,
     PAYLOAD,
     UPGRADES,
     check,
@@ -67,7 +66,13 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
     model = detector.model_
     spec, index = model.embedder.spec, model.index
     if networks and spec.is_module:
-        raise ValueError(NOT_SAVED.format(kind=spec.architecture.split(":", 1)[1]))
+        kind = spec.architecture.split(":", 1)[1]
+        raise ValueError(
+            f"A detector whose backbone is a torch.nn.Module ({kind}) cannot be saved as a "
+            "model file: a model file rebuilds its network from a timm architecture name and "
+            "holds no code. Pickle it with joblib.dump(detector, path) instead, and load it "
+            "with joblib.load only where you trust the file (unpickling can run code)."
+        )
     fitted, arrays = model.state()
     fitted["offset_"] = float(detector.offset_)
     metadata = {

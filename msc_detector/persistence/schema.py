@@ -79,12 +79,6 @@ _FINITE = _is(*_NUMBER, test=math.isfinite)
 _POSITIVE_NUMBER = _is(*_NUMBER, test=lambda v: math.isfinite(v) and v > 0)
 _STR = _is(str)
 _BOOLEAN, _STRING = Field(_is(bool), "a boolean"), Field(_STR, "a string")
-NOT_SAVED = (
-    "A detector whose backbone is a torch.nn.Module ({kind}) cannot be saved as a model "
-    "file: a model file rebuilds its network from a timm architecture name and holds no "
-    "code. Pickle it with joblib.dump(detector, path) instead, and load it with joblib.load "
-    "only where you trust the file (unpickling can run code)."
-)
 
 
 def is_param(value: Any, nested: bool = True) -> bool:
