@@ -7,7 +7,6 @@ sizes and SHA-256 digests.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -49,13 +48,12 @@ def verified_members(source: str | os.PathLike[str] | bytes) -> tuple[Any, Any, 
     """
     if isinstance(source, bytes | bytearray | memoryview):
         where: Any = f"<{len(source)} bytes>"
-        opened: Any = contextlib.nullcontext(io.BytesIO(bytes(source)))
+        handle: IO[bytes] = io.BytesIO(bytes(source))
+    elif (where := Path(source)).is_dir():
+        raise error(where, "it is a directory; a model file is one zip archive.")
     else:
-        where = Path(source)
-        if where.is_dir():
-            raise error(where, "it is a directory; a model file is one zip archive.")
-        opened = where.open("rb")
-    with opened as handle:
+        handle = where.open("rb")
+    with handle:
         head = handle.read(len(_ZIP_MAGIC))
         if head[:1] == b"\x80":  # the PROTO opcode that starts pickles of protocol 2 and later
             raise error(
@@ -66,8 +64,7 @@ def verified_members(source: str | os.PathLike[str] | bytes) -> tuple[Any, Any, 
             )
         if head != _ZIP_MAGIC:
             raise error(where, f"it is not a zip archive: it starts with {head!r}.")
-        size = handle.seek(0, io.SEEK_END)
-        handle.seek(0)
+        size = handle.seek(0, io.SEEK_END)  # no member declares more (zipfile seeks itself)
         try:
             archive = zipfile.ZipFile(handle)
         except _ZIP_ERRORS as exc:
@@ -128,10 +125,7 @@ def _check_manifest(where: object, manifest: Any) -> None:
 
 
 def write_archive(handle: IO[bytes], payload: Mapping[str, bytes]) -> None:
-    """Write the archive of ``payload`` (from ``encode``) to ``handle``, under its manifest.
-
-    The manifest lists each member's size and SHA-256 digest; members are stored.
-    """
+    """Write ``payload`` (from ``encode``) to ``handle`` as stored members under a manifest."""
     listed = {
         name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         for name, data in payload.items()
