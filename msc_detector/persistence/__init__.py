@@ -1,22 +1,13 @@
 """Model files: a fitted detector in one zip archive that loads without running code.
 
-:meth:`MSCDetector.save <msc_detector.MSCDetector.save>` and :meth:`MSCDetector.load
-<msc_detector.MSCDetector.load>` write and read the file described here; pickling a
-detector uses the same :func:`encode` and :func:`decode`, without the archive, and
-:func:`dumps` gives a file's bytes in memory (the Dask shipment). Tensors
-are safetensors, the rest is JSON: nothing is unpickled, evaluated or imported.
-
-A detector whose backbone was given as a ``torch.nn.Module`` has no model file: the
-file rebuilds networks from their timm architecture name and holds no code, so
-:func:`save` refuses it. Its pickles hold the same members but ``networks.safetensors``,
-and the pickled modules themselves instead.
-:func:`inspect` verifies a file without importing torch, timm or Faiss.
-
-The format (members, schema, trust, versions) is described in the documentation's
-"Model files" page; :mod:`~msc_detector.persistence.schema` declares it in code,
+The format (members, schema, trust, versions) is described in :ref:`model-files`.
+:func:`save` writes a file and :func:`dumps` its bytes (the Dask shipment); :func:`read`
+verifies and decodes one, :func:`inspect` verifies one without importing torch, timm or
+Faiss. Pickles hold the same members (:func:`encode`, :func:`decode`) without the archive;
+a ``torch.nn.Module`` backbone has no model file, and its pickles hold the modules instead
+of ``networks.safetensors``. :mod:`~msc_detector.persistence.schema` declares the format,
 :mod:`~msc_detector.persistence.container` reads and writes the archive and
-:mod:`~msc_detector.persistence.codec` turns a detector's declared state into members
-and back.
+:mod:`~msc_detector.persistence.codec` turns a detector into members and back.
 """
 
 from __future__ import annotations

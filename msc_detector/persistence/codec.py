@@ -1,10 +1,8 @@
-"""The model file's codec: a fitted detector's declared state <-> the payload members.
+"""The model file's codec: a fitted detector <-> the payload members (see :ref:`model-files`).
 
-:func:`encode` writes what :meth:`FittedModel.state <msc_detector.model.FittedModel.state>`
-declares, the estimator's parameters and ``offset_``, the index and the networks;
-:func:`decode` checks every member against :mod:`~msc_detector.persistence.schema` and
-returns a :class:`SavedModel`, from which :meth:`SavedModel.model` rebuilds the
-fitted model on a device.
+:func:`encode` writes :meth:`FittedModel.state <msc_detector.model.FittedModel.state>`,
+the parameters, ``offset_``, the index and the networks; :func:`decode` checks each member
+against :mod:`~msc_detector.persistence.schema` and returns a :class:`SavedModel`.
 """
 
 from __future__ import annotations
@@ -54,10 +52,9 @@ _CHECKED_VERSIONS = ("msc_detector", "torch", "timm", "faiss", "scikit-learn")
 def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
     """Serialise a fitted detector into the payload members, for a file or a pickle.
 
-    Returns ``metadata.json``, ``arrays.safetensors`` and, with ``networks``,
-    ``networks.safetensors`` by name. Parameters JSON cannot hold are written as
-    ``null`` (:func:`save` warns). Without ``networks`` the caller keeps the networks
-    (a pickle of a module backbone); with them, a module backbone is refused.
+    Without ``networks``, ``networks.safetensors`` is left out (a pickle of a module
+    backbone holds the modules); with them, a module backbone is refused. Parameters
+    JSON cannot hold are written as ``null``.
     """
     import numpy as np
     from safetensors.numpy import save as save_arrays
@@ -156,9 +153,8 @@ def _running_versions() -> dict[str, str]:
 class SavedModel:
     """A decoded detector: pure data, with its networks rebuilt on the CPU in eval mode.
 
-    ``fitted`` holds the validated values of :data:`FITTED` as saved (``device_`` is
-    the string of the device it was fitted on), ``arrays`` the checked arrays and
-    ``parts`` the backbone spec, the networks, the rebuilt index and the training paths.
+    ``fitted`` holds the checked values of :data:`FITTED` (``device_``: where it was
+    fitted), ``arrays`` the checked arrays, ``parts`` what else the model is built from.
     """
 
     params: dict[str, Any]
@@ -179,14 +175,12 @@ def decode(
     networks: tuple[nn.Module, nn.Module | None] | None = None,
     version: int = FORMAT_VERSION,
 ) -> SavedModel:
-    """Validate and parse the members written by :func:`encode`.
+    """Check the members written by :func:`encode` in format ``version`` and rebuild them.
 
-    ``where`` names their source in messages (a path, or ``"pickle"``); ``version``
-    is the format version they were written in (see Versioning). ``networks``:
-    the fine-tuned and pretrained networks where the members hold none (the pickle of a
-    module backbone); otherwise they are rebuilt from ``networks.safetensors``. Raises
-    :class:`ModelFileError` for anything invalid; warns when msc-detector, torch, timm,
-    faiss or scikit-learn differ from the versions that wrote them.
+    ``where`` names them in messages (a path, or ``"pickle"``); ``networks`` are the
+    fine-tuned and pretrained networks where the members hold none (a pickle of a module
+    backbone). Raises :class:`ModelFileError` for anything invalid; warns when
+    msc-detector, torch, timm, faiss or scikit-learn differ from those that wrote them.
     """
     from msc_detector.backbones import BackboneSpec
     from msc_detector.model import SavedParts
