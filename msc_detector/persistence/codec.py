@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SavedModel", "decode", "encode", "json_params"]
 
-BACKBONE, PRETRAINED = "backbone.", "pretrained."  # key prefixes in NETWORKS
+PREFIXES = ("backbone.", "pretrained.")  # of the two networks' keys in NETWORKS
 INDEX_PREFIX = "index."  # an approximate index's plain arrays in ARRAYS (format 5)
 # Libraries whose version change can change scores or break loading (warned about).
 _CHECKED_VERSIONS = ("msc_detector", "torch", "timm", "faiss", "scikit-learn")
@@ -94,12 +94,11 @@ def encode(detector: Any, networks: bool = True) -> dict[str, bytes]:
         METADATA: json.dumps(metadata, indent=2, default=lambda v: v.item()).encode(),
         ARRAYS: save_arrays(arrays),
     }
-    if networks:
-        nets = zip((BACKBONE, PRETRAINED), model.networks(), strict=True)
+    if networks:  # copies: safetensors refuses tensors that share memory (tied weights)
         payload[NETWORKS] = save_tensors(
-            {  # copies: safetensors refuses tensors that share memory (tied weights)
+            {
                 prefix + key: value.detach().to("cpu", copy=True).contiguous()
-                for prefix, network in nets
+                for prefix, network in zip(PREFIXES, model.networks(), strict=True)
                 if network is not None
                 for key, value in network.state_dict().items()
             }
@@ -216,10 +215,10 @@ def _networks(
     tensors = parse(where, NETWORKS, data, load_tensors)
     states = [
         {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        for prefix in (BACKBONE, PRETRAINED)
+        for prefix in PREFIXES
     ]
     if sum(map(len, states)) != len(tensors):
-        raise error(where, f"{NETWORKS} holds keys outside {BACKBONE} and {PRETRAINED}.")
+        raise error(where, f"{NETWORKS} holds keys outside {' and '.join(PREFIXES)}.")
     try:  # an empty backbone state fails too: strict loading misses every key
         backbone = rebuild_backbone(spec, states[0])
         pretrained = rebuild_backbone(spec, states[1]) if states[1] else None
@@ -285,15 +284,13 @@ def metadata_and_arrays(
     flat = {"kind": "flat", "params": {}, "faiss_class": "IndexFlat", "dim": dim, "ntotal": n}
     index, kind = metadata.setdefault("index", flat), metadata["index"]["kind"]
     arrays = parse(where, ARRAYS, members[ARRAYS], load_arrays)
-    plain = [name for name in arrays if name.startswith(INDEX_PREFIX)]
+    stored = [name for name in arrays if name.startswith(INDEX_PREFIX)]
     if kind == "flat":
         stored = ["index_vectors"]
-    elif version >= 5 and has_plain_form(kind):  # each checked as the index is rebuilt
-        if not plain:
-            raise error(where, f"{ARRAYS} lacks the arrays of its {kind!r} index.")
-        stored = plain
-    else:
+    elif version < 5 or not has_plain_form(kind):
         stored = ["index_faiss"]
+    elif not stored:  # plain arrays, each checked as the index is rebuilt
+        raise error(where, f"{ARRAYS} lacks the arrays of its {kind!r} index.")
     if "train_paths" in arrays:
         stored.append("train_paths")
     if fitted["patch_stages_"]:
@@ -347,8 +344,7 @@ def metadata_and_arrays(
 def _warn_on_version_change(where: object, saved: Mapping[str, str]) -> None:
     now, then = _running_versions(), {k: saved.get(k, "unknown") for k in _CHECKED_VERSIONS}
     # A local build label does not count: "2.4.1+cu121" and "2.4.1+cpu" are one release.
-    changed = [k for k in then if then[k].split("+")[0] != now[k].split("+")[0]]
-    if changed:
+    if changed := [k for k in then if then[k].split("+")[0] != now[k].split("+")[0]]:
         warnings.warn(
             f"{where} was saved with {', '.join(f'{k} {then[k]} (now {now[k]})' for k in changed)}"
             ". Loading across versions usually works, but scores may differ slightly.",
