@@ -125,15 +125,19 @@ def _json_value(value: Any) -> Any:
     def plain(v: Any) -> Any:  # what json.dumps cannot write itself
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             return dataclasses.asdict(v)
+        if isinstance(v, Mapping):
+            return dict(v)
         if isinstance(v, np.generic | np.ndarray):
             return v.tolist()
         if isinstance(v, os.PathLike | torch.device):
             return str(os.fspath(v) if isinstance(v, os.PathLike) else v)
         raise TypeError(type(v).__name__)
 
+    if isinstance(value, Mapping) and not all(isinstance(key, str) for key in value):
+        return None  # json.dumps would write an int key as a string
     try:
         encoded = json.loads(json.dumps(value, default=plain))
-    except (TypeError, ValueError):  # an object JSON cannot hold, a key that is no string
+    except (TypeError, ValueError):  # an object JSON cannot hold, such as a tuple key
         return None
     return encoded if is_param(encoded) else None
 
