@@ -48,7 +48,7 @@ class InvertedLists:
         kmeans = faiss.Kmeans(dim, n_lists, niter=_KMEANS_ITERATIONS, seed=_KMEANS_SEED)
         kmeans.train(vectors)
         self.centroids = faiss.IndexFlatL2(dim)
-        self.centroids.add(kmeans.centroids)
+        self.centroids.add(np.asarray(kmeans.centroids, dtype=np.float32))
         self.probes = min(int(probes), n_lists)
         assigned = self.centroids.search(vectors, 1)[1][:, 0]
         order = np.argsort(assigned, kind="stable")
