@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.output import RESULTS
 
 
 def label(result: dict[str, Any], path: Path) -> str:

@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.output import RESULTS
+
 SIDES = ("inprocess", "cluster")
 _NOT_SETTINGS = {"sides", "out_name", "results_dir", "force", "side"}
 

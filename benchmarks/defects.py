@@ -50,8 +50,8 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks import pro
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TEXTURES = ("brick", "grass", "gravel")
 DEFECTS = ("scratch", "crack", "stain", "pit", "burn")
 GOOD = "good"
@@ -445,10 +445,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def write(result: dict[str, Any], path: Path) -> str:
     """Write JSON and Markdown; return the Markdown."""
     table = render(result, path)
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    path.with_suffix(".md").write_text(table)
+    write_results(path, result, table)
     return table
 
 

@@ -31,9 +31,9 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.machine_info import machine
 from benchmarks.one_class import DATASETS, load_dataset
+from benchmarks.output import RESULTS, write_results
 from msc_detector import MSCDetector
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCORES = ("global", "patch", "combined")
 
 
@@ -121,8 +121,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         row |= {"fit_seconds": fit_seconds, "score_seconds": score_seconds}
         result["classes"][str(label)] = row
         print(label, {k: round(100 * row[k], 2) for k in SCORES}, flush=True)
-        path.write_text(json.dumps(result, indent=2))
-        path.with_suffix(".md").write_text(render(result))
+        write_results(path, result, render(result))
     table = render(result)
     print(table)
     return result

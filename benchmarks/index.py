@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCRATCH = Path("/tmp/msc-index-bench")  # exact neighbours of the queries, per bank size
 DIM, CLUSTERS, RANK, CHUNK = 1280, 1000, 64, 16384
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")

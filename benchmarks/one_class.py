@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import shlex
 import sys
@@ -47,9 +46,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS, write_results
 from msc_detector import MSCDetector
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("fashion-mnist", "digits", "opencv-digits", "cifar10", "cifar100")
 
 
@@ -310,10 +309,7 @@ def write(result: dict[str, Any], path: Path) -> str:
     aucs = [r["roc_auc"] for r in result["classes"].values()]
     result["mean_roc_auc"] = float(np.mean(aucs)) if aucs else None
     table = render(result, path)
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-    path.with_suffix(".md").write_text(table)
+    write_results(path, result, table)
     return table
 
 

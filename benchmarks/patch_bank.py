@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS, write_results
 from msc_detector import MSCDetector
 from msc_detector.coreset import StreamingCoreset
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIDE = 224
 
 
@@ -107,11 +107,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         print(memory, rows[str(memory)], flush=True)
     command = shlex.join(["python", "-m", "benchmarks.patch_bank", *sys.argv[1:]])
     result = {"command": command, "machine": machine(), "images": args.images, "rows": rows}
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     table = render(result)
-    (out / f"{args.name}.md").write_text(table)
+    write_results(Path(args.results_dir) / f"{args.name}.json", result, table)
     print(table)
     return result
 

@@ -29,16 +29,15 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS, write_results
 from benchmarks.verdict_cost import crops
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CORESETS = ((16384, 128), (8192, 128), (16384, 64))
 
 
@@ -168,10 +167,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "search": search,
         "coresets": coreset_rows(patches, len(det.patch_bank_)),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     table = render(result)
-    (RESULTS / f"{args.name}.md").write_text(table)
+    write_results(RESULTS / f"{args.name}.json", result, table)
     print(table)
     return result
 

@@ -97,8 +97,8 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks import defects, pro
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_PYTHON = "/opt/peers-venv/bin/python"
 WORK_DIR = "/tmp/peers_work"
@@ -587,11 +587,7 @@ def worker(args: argparse.Namespace, tool_key: str, set_name: str, command: str)
         "command": command,
         "machine": machine(),
     }
-    path = result_path(args, tool_key, set_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_results(result_path(args, tool_key, set_name), result)
     return result
 
 
@@ -690,11 +686,9 @@ def write_combined(args: argparse.Namespace) -> dict[str, Any]:
     """
     results = sorted(collect(args), key=lambda r: _tool_rank(r["tool"]))
     combined = {"results": results}
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(combined, indent=2))
-    (out / f"{args.name}.md").write_text(render(results, args.name))
-    (out / f"{args.name}_tables.rst").write_text(render_rst(tables(results)))
+    path = Path(args.results_dir) / f"{args.name}.json"
+    write_results(path, combined, render(results, args.name))
+    path.with_name(f"{args.name}_tables.rst").write_text(render_rst(tables(results)))
     return combined
 
 

@@ -44,8 +44,8 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.image_scores import patch_anomaly
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "score_rules"
 PHOTOS = Path("/usr/share/doc/opencv-doc/examples/data")
 SURFACE = ("defects", "photo", "scene")
@@ -275,10 +275,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         rows[name] = evaluate(components(name, params))
         print(name, {k: round(v, 2) for k, v in rows[name].items()}, flush=True)
     table = render(rows, command)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"command": command, "params": params, "machine": machine(), "rows": rows}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(table)
+    write_results(RESULTS / f"{args.name}.json", out, table)
     print(table)
     return out
 

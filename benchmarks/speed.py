@@ -81,9 +81,9 @@ import numpy as np
 import torch
 
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS
 from benchmarks.plain import PlainMSC
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("ours", "plain")
 TARGET_SPEEDUP = 3.0
 TARGET_AUC_POINTS = 0.3

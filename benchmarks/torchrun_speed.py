@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.output import RESULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

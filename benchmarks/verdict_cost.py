@@ -29,15 +29,14 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.machine_info import machine
+from benchmarks.output import RESULTS, write_results
 from benchmarks.score_rules import _photo
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PHOTOS = ("building", "starry_night", "fruits", "baboon")
 CONFIGS = {
     "global, no bank": {"image_score": "global", "patch_memory": None},
@@ -152,10 +151,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "ratios": ratios,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     table = render(result)
-    (RESULTS / f"{args.name}.md").write_text(table)
+    write_results(RESULTS / f"{args.name}.json", result, table)
     print(table)
     return result
 
