@@ -27,7 +27,6 @@ images and builds the same model.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -410,17 +409,20 @@ def _patch_bank(
     # Patches near the border have fewer look-alikes than inner ones (the padding makes
     # each position its own kind), so their nearest distances run higher: the map shows
     # each distance above the typical one at its position.
-    # The sample's patches are held (at most _BASELINE_IMAGES images) until the baseline
-    # they set is known, so that beyond the budget the images run once more, not twice.
+    # The sample's exact distances are held (at most _BASELINE_IMAGES images) until the
+    # baseline they set is known; they then give those images' patch anomalies.
     args, sample = (settings.batch_size, embedder, images, stages), _baseline_sample(n)
-    held = list(kept.batches(*args, among=sample))
-    raw = [scorer.raw_distances(patches, owners)[0] for owners, patches in held]
-    scorer.bank.baseline = np.concatenate(raw).mean(axis=0)
+    held = [
+        (owners, scorer.raw_distances(patches, owners)[0])
+        for owners, patches in kept.batches(*args, among=sample)
+    ]
+    scorer.bank.baseline = np.concatenate([raw for _, raw in held]).mean(axis=0)
     patch_train = None
     if settings.image_score != "global":  # the score uses the patch anomalies
         patch_train = np.empty(n, np.float64)
-        rest = kept.batches(*args, among=np.setdiff1d(kept.order, sample))
-        for owners, patches in itertools.chain(held, rest):
+        for owners, raw in held:  # their exact distances are known: no bounded search
+            patch_train[owners] = scorer.map_maxima(raw, embedder.image_size)
+        for owners, patches in kept.batches(*args, among=np.setdiff1d(kept.order, sample)):
             patch_train[owners] = scorer.anomalies(patches, embedder.image_size, owners)
     kept.patches = None  # free them before the index and rule are built
     return scorer, patch_train

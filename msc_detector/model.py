@@ -75,6 +75,11 @@ class PatchScorer:
         """Distances above the typical one at their grid position (the map's values)."""
         return torch.from_numpy(raw - self.bank.baseline)
 
+    def map_maxima(self, raw: np.ndarray, size: int) -> np.ndarray:
+        """Each image's patch anomaly from every patch's exact distance ``raw`` (n, h, w)."""
+        maps = grid_to_maps(self.excess(raw), size)
+        return maps.flatten(1).amax(dim=1).numpy().astype(np.float64)
+
     def source(self, index: int) -> tuple[int, tuple[float, float]]:
         """Return the training image of bank patch ``index`` and the patch's centre in it.
 
@@ -92,9 +97,8 @@ class PatchScorer:
     ) -> np.ndarray:
         """Measure each image's patch anomaly, its map's maximum, searching few patches exactly.
 
-        The maximum of the map at the network's input side ``size`` made from every
-        patch's exact distance, ``grid_to_maps(excess(raw_distances(features,
-        owners)[0]), size)``, but most patches are not searched exactly. The
+        :meth:`map_maxima` of the exact distances, ``raw_distances(features,
+        owners)[0]``, but most patches are not searched exactly. The
         coarse search bounds every patch's distance from above, so a map made from the
         bounds lies on or above the exact map everywhere. Where the map made so far
         peaks, the patches under the peak are searched exactly and the map made again,

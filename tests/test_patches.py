@@ -162,10 +162,10 @@ def test_a_small_bank_is_searched_exactly() -> None:
     scorer = _scorer(1000, 8, 8)
     assert scorer.bank.coarse is None
     features = torch.randn(3, 8, 8, 8)
-    exact = grid_to_maps(scorer.excess(scorer.raw_distances(features)[0]), 64)
-    np.testing.assert_array_equal(
-        scorer.anomalies(features, 64), exact.amax(dim=(1, 2)).double().numpy()
-    )
+    raw = scorer.raw_distances(features)[0]
+    exact = grid_to_maps(scorer.excess(raw), 64).amax(dim=(1, 2)).double().numpy()
+    np.testing.assert_array_equal(scorer.anomalies(features, 64), exact)
+    np.testing.assert_array_equal(scorer.map_maxima(raw, 64), exact)
 
 
 def test_a_square_image_maps_back_onto_itself() -> None:
