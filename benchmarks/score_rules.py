@@ -71,6 +71,17 @@ def _z(train: np.ndarray, test: np.ndarray) -> np.ndarray:
     return (test - median) / scale
 
 
+def _tail_z(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Scaled by the training scores' upper tail: median to 95th percentile."""
+    median = float(np.median(train))
+    return (test - median) / max(float(np.quantile(train, 0.95)) - median, 1e-12)
+
+
+def _log_z(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Robust z of the logarithms (distances are positive and skewed)."""
+    return _z(np.log(np.maximum(train, 1e-12)), np.log(np.maximum(test, 1e-12)))
+
+
 def _std(train: np.ndarray, test: np.ndarray) -> np.ndarray:
     return (test - train.mean()) / max(float(train.std()), 1e-12)
 
@@ -85,6 +96,10 @@ RULES: dict[str, Rule] = {
     "max of z (mean, std)": lambda gt, pt, g, p: np.maximum(_std(gt, g), _std(pt, p)),
     "sum of robust z": lambda gt, pt, g, p: _z(gt, g) + _z(pt, p),
     "max of robust z": lambda gt, pt, g, p: np.maximum(_z(gt, g), _z(pt, p)),
+    "sum of tail-scaled z (median, 95th pct.)": lambda gt, pt, g, p: (
+        _tail_z(gt, g) + _tail_z(pt, p)
+    ),
+    "sum of robust z of logs": lambda gt, pt, g, p: _log_z(gt, g) + _log_z(pt, p),
     "log-sum-exp of robust z": lambda gt, pt, g, p: np.logaddexp(_z(gt, g), _z(pt, p)),
     "sum of tail -log p": lambda gt, pt, g, p: _tail(gt, g) + _tail(pt, p),
     "max of tail -log p": lambda gt, pt, g, p: np.maximum(_tail(gt, g), _tail(pt, p)),
