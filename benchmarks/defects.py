@@ -49,6 +49,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import pro
+from benchmarks.constants import set_constants
 from benchmarks.machine_info import machine
 from benchmarks.output import RESULTS, write_results
 
@@ -288,6 +289,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="fit with image_score='combined' (unless --param sets it) to measure all scores",
     )
+    p.add_argument(
+        "--constant",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="set a library constant for this run, e.g. msc_detector.coreset.PROJECTION_DIM=64",
+    )
     p.add_argument("--name", default="defects", help="results file stem")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--show", default=None, help="only write example crops to this folder")
@@ -396,6 +404,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 print(path)
         return {}
     params = detector_params(args)
+    constants = set_constants(args.constant)
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name}.json"
@@ -408,6 +417,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "color": not args.gray,
         "params": {k: str(v) for k, v in sorted(params.items())},
     }
+    if constants:  # results without the option keep their settings
+        settings["constants"] = constants
     result: dict[str, Any] = {"settings": settings, "textures": {}}
     if path.exists():
         previous = json.loads(path.read_text())

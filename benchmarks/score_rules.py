@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.constants import set_constants
 from benchmarks.image_scores import patch_anomaly
 from benchmarks.machine_info import machine
 from benchmarks.output import RESULTS, write_results
@@ -192,7 +193,7 @@ def components(name: str, params: dict[str, Any] | None = None) -> dict[str, np.
 
     train, test, is_anomaly = load_set(name)
     start = time.perf_counter()
-    detector_params = {k: v for k, v in params.items() if k != "coreset_block"}
+    detector_params = {k: v for k, v in params.items() if k != "coreset_block" and "." not in k}
     det = MSCDetector(random_state=0, **{"image_score": "combined", **detector_params}).fit(train)
     fit_seconds = time.perf_counter() - start
     sq, _ = det.index_.search_leave_self_out(det.n_neighbors)
@@ -277,8 +278,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="candidates per greedy coreset selection (msc_detector.coreset.BLOCK)",
     )
+    p.add_argument(
+        "--constant",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="set a library constant for this run (its own cache folder), e.g. "
+        "msc_detector.coreset.PROJECTION_DIM=64; repeat for more",
+    )
     args = p.parse_args(argv)
     params = dict(_parse_param(item) for item in args.params)
+    params |= set_constants(args.constant)  # dotted names: they name the cache folder
     if args.coreset_block is not None:
         from msc_detector import coreset
 

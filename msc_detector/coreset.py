@@ -18,10 +18,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["BLOCK", "StreamingCoreset", "greedy_k_center"]
+__all__ = ["BLOCK", "PROJECTION_DIM", "StreamingCoreset", "greedy_k_center"]
 
 #: Candidates per greedy selection, unless a coreset is given its own ``block``.
 BLOCK = 8192
+#: Width of the random projection that selection distances are measured in, unless a
+#: coreset is given its own ``projection_dim``.
+PROJECTION_DIM = 128
 
 
 def greedy_k_center(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -71,9 +74,9 @@ class StreamingCoreset:
         Seeds the projection and the first pick of each block.
     block : int, optional
         Candidates per greedy selection (default: :data:`BLOCK`).
-    projection_dim : int, default=128
-        Width of the random projection used to measure distances (none where the
-        vectors are no wider).
+    projection_dim : int, optional
+        Width of the random projection used to measure distances (default:
+        :data:`PROJECTION_DIM`; none where the vectors are no wider).
     """
 
     def __init__(
@@ -82,12 +85,12 @@ class StreamingCoreset:
         memory: int,
         seed: int,
         block: int | None = None,
-        projection_dim: int = 128,
+        projection_dim: int | None = None,
     ) -> None:
         self.total = int(total)
         self.target = min(int(memory), self.total)
         self.block = int(BLOCK if block is None else block)
-        self.projection_dim = int(projection_dim)
+        self.projection_dim = int(PROJECTION_DIM if projection_dim is None else projection_dim)
         self._generator = torch.Generator().manual_seed(int(seed))
         self._projection: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, np.ndarray]] = []

@@ -163,3 +163,17 @@ def test_verdict_cost_measures_a_tiny_detector() -> None:
     wall, cpu = verdict_cost.scoring_times(det, test)
     assert row["image_score"] == "combined" and row["fit_seconds"] > 0
     assert wall > 0 and cpu > 0
+
+
+def test_set_constants_sets_a_library_constant_and_names_a_missing_one(monkeypatch) -> None:
+    from benchmarks.constants import set_constants
+    from msc_detector import coreset
+
+    monkeypatch.setattr(coreset, "PROJECTION_DIM", coreset.PROJECTION_DIM)  # restored after
+    applied = set_constants(["msc_detector.coreset.PROJECTION_DIM=64"])
+    assert applied == {"msc_detector.coreset.PROJECTION_DIM": 64}
+    assert coreset.StreamingCoreset(10, 5, seed=0).projection_dim == 64
+    with pytest.raises(SystemExit, match="no constant 'PROJECTION'"):
+        set_constants(["msc_detector.coreset.PROJECTION=64"])
+    with pytest.raises(SystemExit, match="package.module.NAME=VALUE"):
+        set_constants(["PROJECTION_DIM"])

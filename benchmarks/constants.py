@@ -1,0 +1,28 @@
+"""Library constants that a benchmark run may set, to measure a default before changing it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+
+def set_constants(items: Sequence[str]) -> dict[str, Any]:
+    """Set each ``package.module.NAME=VALUE`` (a JSON value); return them by dotted name.
+
+    Only a module-level constant that the library reads when it runs (not one copied
+    into another module by ``from ... import``) changes its behaviour this way.
+    """
+    applied: dict[str, Any] = {}
+    for item in items:
+        dotted, sep, text = item.partition("=")
+        module_name, _, name = dotted.rpartition(".")
+        if not (sep and module_name):
+            raise SystemExit(f"--constant takes package.module.NAME=VALUE; got {item!r}")
+        module = importlib.import_module(module_name)
+        if not hasattr(module, name):
+            raise SystemExit(f"{module_name} has no constant {name!r}")
+        setattr(module, name, json.loads(text))
+        applied[dotted] = getattr(module, name)
+    return applied
