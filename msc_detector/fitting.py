@@ -12,7 +12,7 @@ The steps, each over torch, Faiss and numpy objects (no scikit-learn here):
 5. index the embeddings; their leave-self-out kNN distances are the global anomalies;
 6. the leave-one-image-out patch distances of the training images, against the finished
    bank, give its per-position baseline and the patch anomalies (every image where the
-   score uses patches, else the 256 images the baseline needs);
+   score uses patches, else the 64 images the baseline needs);
 7. calibrate the :class:`~msc_detector.verdict.ScoreRule` on those anomalies.
 
 So after training every image goes through the network once: step 6 searches the patch
@@ -60,8 +60,10 @@ _CACHE_BYTES = 3 * 2**30
 #: Bytes of patch embeddings the fit keeps from its pass for the leave-one-image-out
 #: distances (float32); beyond them it runs the images through the network again.
 KEPT_PATCH_BYTES = 3 * 2**30
-# Training images whose leave-self-out patch distances set the bank's baseline.
-_BASELINE_IMAGES = 256
+# Training images whose leave-self-out patch distances set the bank's baseline: their
+# exhaustive search is most of the bank's cost in fit, and 64 set it as well as 256 did
+# (benchmarks/results/score_rules_baseline64.md, defects_baseline64.md).
+_BASELINE_IMAGES = 64
 _DIVERGED = (
     "Fine-tuning diverged: the {what} became non-finite, so every image would score alike. "
     "Lower lr or weight_decay, or use precision='fp32'. A previously fitted model is unchanged."

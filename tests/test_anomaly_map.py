@@ -167,20 +167,29 @@ def test_neighbors_name_the_training_patch_nearest_to_the_peak(fitted, keep_all)
         assert m[y, x] == np.nanmax(m)
 
 
-def test_patch_training_scores_leave_each_image_s_own_patches_out(surfaces) -> None:
-    train, _, _ = surfaces
-    det = module_detector(image_score="patch").fit(train)
+def leave_self_out_distances(det: MSCDetector, train: np.ndarray) -> np.ndarray:
+    """Each training patch's distance to the nearest bank patch of another image, (n, h, w)."""
     bank = det.patch_bank_
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in train])
     features = det.embedder_.run(0, batch, det.patch_stages_)[1].numpy()
-    vectors = bank.vectors()
-    expected = []
+    vectors, grids = bank.vectors(), []
     for i, grid in enumerate(features):
-        queries = grid.reshape(-1, grid.shape[-1])
-        d = ((queries[:, None] - vectors[None]) ** 2).sum(-1)
+        d = ((grid.reshape(-1, grid.shape[-1])[:, None] - vectors[None]) ** 2).sum(-1)
         d[:, bank.owners == i] = np.inf
-        dist = np.sqrt(d.min(axis=1)).reshape(grid.shape[:2]) - bank.baseline
-        expected.append(-float(grid_to_maps(torch.from_numpy(dist)[None], 32).max()))
+        grids.append(np.sqrt(d.min(axis=1)).reshape(grid.shape[:2]))
+    return np.stack(grids)
+
+
+def patch_scores(det: MSCDetector, distances: np.ndarray) -> np.ndarray:
+    """Minus the maxima of the maps of ``distances`` above the bank's baseline."""
+    excess = torch.from_numpy(distances - det.patch_bank_.baseline)
+    return -grid_to_maps(excess, det.image_size_).amax(dim=(1, 2)).double().numpy()
+
+
+def test_patch_training_scores_leave_each_image_s_own_patches_out(surfaces) -> None:
+    train, _, _ = surfaces
+    det = module_detector(image_score="patch").fit(train)
+    expected = patch_scores(det, leave_self_out_distances(det, train))
     np.testing.assert_allclose(det.train_scores_, expected, rtol=1e-4)
     assert (det.score_samples(train) >= det.train_scores_ - 1e-6).all()  # self included
 
@@ -189,15 +198,27 @@ def test_the_baseline_is_the_mean_leave_self_out_distance_per_position(surfaces)
     train, _, _ = surfaces
     det = module_detector(patch_memory=100).fit(train)
     bank = det.patch_bank_
-    batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in train])
-    features = det.embedder_.run(0, batch, det.patch_stages_)[1].numpy()
-    vectors, grids = bank.vectors(), []
-    for i, grid in enumerate(features):  # 16 images: all of them set the baseline
-        d = ((grid.reshape(-1, grid.shape[-1])[:, None] - vectors[None]) ** 2).sum(-1)
-        d[:, bank.owners == i] = np.inf
-        grids.append(np.sqrt(d.min(axis=1)).reshape(grid.shape[:2]))
+    grids = leave_self_out_distances(det, train)  # 16 images: all of them set the baseline
     np.testing.assert_allclose(bank.baseline, np.mean(grids, axis=0), rtol=1e-4, atol=1e-5)
     assert bank.baseline.shape == bank.grid and bank.baseline.dtype == np.float32
+
+
+def test_a_sample_of_the_images_sets_the_baseline_and_every_image_is_scored(
+    surfaces, monkeypatch
+) -> None:
+    from msc_detector import fitting
+
+    train, _, _ = surfaces
+    monkeypatch.setattr(fitting, "_BASELINE_IMAGES", 5)
+    det = module_detector(image_score="patch").fit(train)
+    grids = leave_self_out_distances(det, train)
+    sample = [0, 4, 8, 11, 15]  # five images spread over the sixteen
+    np.testing.assert_allclose(
+        det.patch_bank_.baseline, grids[sample].mean(axis=0), rtol=1e-4, atol=1e-5
+    )
+    # The sample's scores come from the distances that set the baseline, the others'
+    # from the bounded search: all of them are the leave-self-out patch scores.
+    np.testing.assert_allclose(det.train_scores_, patch_scores(det, grids), rtol=1e-4)
 
 
 @pytest.mark.parametrize("image_score", ["global", "patch", "combined"])
