@@ -14,9 +14,7 @@ No torch or scikit-learn here: arrays in, arrays out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -123,22 +121,3 @@ class ScoreRule:
         ordered = np.sort(self.train_scores)
         at_or_below = np.searchsorted(ordered, np.asarray(scores, np.float64), side="right")
         return (at_or_below + 1) / (len(ordered) + 1)
-
-    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """JSON-able scalars and the arrays that :meth:`from_state` rebuilds the rule from."""
-        scalars = {
-            "mode": self.mode,
-            "locations": list(self.locations),
-            "scales": list(self.scales),
-        }
-        return scalars, {"train_scores": self.train_scores}
-
-    @classmethod
-    def from_state(cls, scalars: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> ScoreRule:
-        """Rebuild a rule from :meth:`state`."""
-        return cls(
-            str(scalars["mode"]),
-            tuple(scalars["locations"]),  # type: ignore[arg-type]
-            tuple(scalars["scales"]),  # type: ignore[arg-type]
-            arrays["train_scores"],
-        )
