@@ -175,5 +175,5 @@ def test_set_constants_sets_a_library_constant_and_names_a_missing_one(monkeypat
     assert coreset.StreamingCoreset(10, 5, seed=0).projection_dim == 64
     with pytest.raises(SystemExit, match="no constant 'PROJECTION'"):
         set_constants(["msc_detector.coreset.PROJECTION=64"])
-    with pytest.raises(SystemExit, match="package.module.NAME=VALUE"):
+    with pytest.raises(SystemExit, match=r"package\.module\.NAME=VALUE"):
         set_constants(["PROJECTION_DIM"])
