@@ -751,7 +751,10 @@ def test_ctrl_c_stops_score_with_130_one_line_and_no_output(
 
     out.write_text("old")
     command = [sys.executable, "-c", _CTRL_C_AT_FORK, *args]
+    # As from a terminal: Ctrl-C handled, even where this test runs with SIGINT ignored
+    # (a shell's background job), which the command would inherit and keep.
     popen = {"stderr": subprocess.PIPE, "text": True, "env": env, "start_new_session": True}
+    popen["preexec_fn"] = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     interrupted(subprocess.Popen(command, **popen))
 
     # and an ordinary Ctrl-C, mid-run: once the hidden output file is open
