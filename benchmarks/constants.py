@@ -23,6 +23,10 @@ def set_constants(items: Sequence[str]) -> dict[str, Any]:
         module = importlib.import_module(module_name)
         if not hasattr(module, name):
             raise SystemExit(f"{module_name} has no constant {name!r}")
-        setattr(module, name, json.loads(text))
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--constant {dotted}: {text!r} is not a JSON value ({exc})") from exc
+        setattr(module, name, value)
         applied[dotted] = getattr(module, name)
     return applied

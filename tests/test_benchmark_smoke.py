@@ -177,3 +177,6 @@ def test_set_constants_sets_a_library_constant_and_names_a_missing_one(monkeypat
         set_constants(["msc_detector.coreset.PROJECTION=64"])
     with pytest.raises(SystemExit, match=r"package\.module\.NAME=VALUE"):
         set_constants(["PROJECTION_DIM"])
+    with pytest.raises(SystemExit, match="'sixty' is not a JSON value"):
+        set_constants(["msc_detector.coreset.PROJECTION_DIM=sixty"])
+    assert coreset.PROJECTION_DIM == 64  # a refused item changes nothing
