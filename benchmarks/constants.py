@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 from collections.abc import Sequence
@@ -30,3 +31,15 @@ def set_constants(items: Sequence[str]) -> dict[str, Any]:
         setattr(module, name, value)
         applied[dotted] = getattr(module, name)
     return applied
+
+
+def add_constant_option(parser: argparse.ArgumentParser, recorded: str) -> None:
+    """Add ``--constant MODULE.NAME=VALUE`` (repeatable); ``recorded`` says where it is kept."""
+    parser.add_argument(
+        "--constant",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help=f"set a library constant for this run ({recorded}), e.g. "
+        "msc_detector.coreset.PROJECTION_DIM=64; repeat for more",
+    )

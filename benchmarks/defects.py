@@ -49,7 +49,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import pro
-from benchmarks.constants import set_constants
+from benchmarks.constants import add_constant_option, set_constants
 from benchmarks.machine_info import machine
 from benchmarks.output import RESULTS, write_results
 
@@ -289,13 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="fit with image_score='combined' (unless --param sets it) to measure all scores",
     )
-    p.add_argument(
-        "--constant",
-        action="append",
-        default=[],
-        metavar="MODULE.NAME=VALUE",
-        help="set a library constant for this run, e.g. msc_detector.coreset.PROJECTION_DIM=64",
-    )
+    add_constant_option(p, "recorded in the settings")
     p.add_argument("--name", default="defects", help="results file stem")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--show", default=None, help="only write example crops to this folder")

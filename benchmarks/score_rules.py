@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.constants import set_constants
+from benchmarks.constants import add_constant_option, set_constants
 from benchmarks.image_scores import patch_anomaly
 from benchmarks.machine_info import machine
 from benchmarks.output import RESULTS, write_results
@@ -278,14 +278,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="candidates per greedy coreset selection (msc_detector.coreset.BLOCK)",
     )
-    p.add_argument(
-        "--constant",
-        action="append",
-        default=[],
-        metavar="MODULE.NAME=VALUE",
-        help="set a library constant for this run (its own cache folder), e.g. "
-        "msc_detector.coreset.PROJECTION_DIM=64; repeat for more",
-    )
+    add_constant_option(p, "its own cache folder")
     args = p.parse_args(argv)
     params = dict(_parse_param(item) for item in args.params)
     params |= set_constants(args.constant)  # dotted names: they name the cache folder
