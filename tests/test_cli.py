@@ -9,6 +9,7 @@ in subprocesses.
 from __future__ import annotations
 
 import csv
+import gc
 import importlib.util
 import json
 import os
@@ -27,7 +28,7 @@ from PIL import Image
 
 from msc_detector import MSCDetector
 from msc_detector import files as scoring
-from msc_detector.cli import main
+from msc_detector.cli import interrupts, main
 from msc_detector.cli.app import build_parser
 from msc_detector.cli.errors import UserError
 from msc_detector.cli.inputs import expand_images, folder_labels, read_labels
@@ -765,3 +766,39 @@ def test_ctrl_c_stops_score_with_130_one_line_and_no_output(
         time.sleep(0.01)
     os.killpg(run.pid, signal.SIGINT)
     interrupted(run)
+
+
+class _HalfBuilt:
+    """An object whose ``__del__`` reads what ``__init__`` never set, as after Ctrl-C.
+
+    It refers to itself, so only the garbage collector finalises it, possibly after the
+    command's last line.
+    """
+
+    def __init__(self) -> None:
+        self.itself = self
+
+    def __del__(self) -> None:
+        self.shutdown  # noqa: B018 (AttributeError, as DataLoader's iterator raises)
+
+
+def test_ctrl_c_silences_what_it_left_half_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    reported: list[type[BaseException]] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_type))
+    # a handler Python calls, even where this test runs with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupts.handle_ctrl_c():  # no Ctrl-C: the failure is reported
+            _HalfBuilt()
+        gc.collect()
+        assert reported == [AttributeError]
+        reported.clear()
+        with interrupts.handle_ctrl_c():
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+            _HalfBuilt()
+        assert reported == []
+        gc.collect()
+        assert reported == []
+    finally:
+        signal.signal(signal.SIGINT, previous)

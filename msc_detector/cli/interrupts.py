@@ -8,7 +8,9 @@ chunk of images), a ``__del__``, a weakref callback -- Python prints the excepti
 output and exited 0. So, while a command runs (:func:`handle_ctrl_c`), SIGINT also sets
 a flag, and :func:`check` raises ``KeyboardInterrupt`` again where the command can stop:
 between chunks of images, and before an output replaces a file. The exception Python
-could not raise is not printed: the command says ``interrupted`` once.
+could not raise is not printed, nor what it leaves behind: an object it stopped half-way
+through ``__init__`` (DataLoader's worker iterator, say) fails in its ``__del__``, and
+that too is "Exception ignored". The command says ``interrupted`` once.
 
 A terminal sends Ctrl-C to the whole process group, DataLoader workers included; a
 process forked from the command ignores it (even in the instant after the fork), and
@@ -18,6 +20,7 @@ the command stops its workers as it unwinds.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -41,7 +44,7 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 
 def _unraisable(previous: Any) -> Any:
     def hook(unraisable: Any) -> None:
-        if not (_pressed.is_set() and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+        if not _pressed.is_set():  # after Ctrl-C: the interrupt or what it left half-built
             previous(unraisable)
 
     return hook
@@ -67,6 +70,8 @@ def handle_ctrl_c() -> Iterator[None]:
     try:
         yield
     finally:
+        if _pressed.is_set():  # finalise what the interrupt left half-built, quietly
+            gc.collect()
         signal.signal(signal.SIGINT, previous)
         sys.unraisablehook = previous_hook
 
