@@ -46,19 +46,25 @@ def greedy_k_center(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     n = len(x)
     if k >= n:
         return torch.arange(n)
-    x = x.float()
-    squared = (x * x).sum(dim=1)
-    nearest = torch.full((n,), float("inf"))
-    picks = torch.empty(k, dtype=torch.int64)
+    # NumPy, not torch: on the CPU, torch's matrix-vector product of this shape took 130
+    # microseconds against NumPy's 36, and a pick is little else.
+    points = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    squared = np.einsum("ij,ij->i", points, points)
+    nearest = np.full(n, np.inf, np.float32)
+    distance = np.empty(n, np.float32)
+    picks = np.empty(k, np.int64)
     pick = int(torch.randint(n, (1,), generator=generator))
     for j in range(k):
         picks[j] = pick
         # Squared distances to the newest pick, by the expansion (one matrix-vector product).
-        dist = squared - 2.0 * (x @ x[pick]) + squared[pick]
-        torch.minimum(nearest, dist, out=nearest)
+        np.matmul(points, points[pick], out=distance)
+        distance *= -2.0
+        distance += squared
+        distance += squared[pick]
+        np.minimum(nearest, distance, out=nearest)
         nearest[pick] = -1.0  # never picked twice, even where rounding leaves it above 0
         pick = int(nearest.argmax())
-    return picks
+    return torch.from_numpy(picks)
 
 
 class StreamingCoreset:
