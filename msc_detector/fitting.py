@@ -27,6 +27,7 @@ images and builds the same model.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -60,9 +61,8 @@ _CACHE_BYTES = 3 * 2**30
 #: Bytes of patch embeddings the fit keeps from its pass for the leave-one-image-out
 #: distances (float32); beyond them it runs the images through the network again.
 KEPT_PATCH_BYTES = 3 * 2**30
-# Training images whose leave-self-out patch distances set the bank's baseline: their
-# exhaustive search is most of the bank's cost in fit, and 64 set it as well as 256 did
-# (benchmarks/results/score_rules_baseline64.md, defects_baseline64.md).
+# Training images whose leave-self-out patch distances set the bank's baseline: 64 set
+# it as well as 256 did (benchmarks/results/score_rules_baseline64.md, defects_baseline64.md).
 _BASELINE_IMAGES = 64
 _DIVERGED = (
     "Fine-tuning diverged: the {what} became non-finite, so every image would score alike. "
@@ -410,21 +410,20 @@ def _patch_bank(
     scorer = PatchScorer(PatchIndex(vectors.numpy(), tags[:, 0], tags[:, 1:], grid), stages)
     # Patches near the border have fewer look-alikes than inner ones (the padding makes
     # each position its own kind), so their nearest distances run higher: the map shows
-    # each distance above the typical one at its position.
-    # The sample's exact distances are held (at most _BASELINE_IMAGES images) until the
-    # baseline they set is known; they then give those images' patch anomalies.
+    # each distance above the typical one at its position. That typical distance is
+    # the mean over a sample of images of the coarse search's bounds, which equal the
+    # exact leave-self-out distances for most patches at a fraction of their cost.
+    # The sample's patches are held (at most _BASELINE_IMAGES images) until the baseline
+    # is known, so that they are not run through the network again beyond the budget.
     args, sample = (settings.batch_size, embedder, images, stages), _baseline_sample(n)
-    held = [
-        (owners, scorer.raw_distances(patches, owners)[0])
-        for owners, patches in kept.batches(*args, among=sample)
-    ]
-    scorer.bank.baseline = np.concatenate([raw for _, raw in held]).mean(axis=0)
+    held = list(kept.batches(*args, among=sample))
+    bounds = [scorer.distance_bounds(patches, owners) for owners, patches in held]
+    scorer.bank.baseline = np.concatenate(bounds).mean(axis=0)
     patch_train = None
     if settings.image_score != "global":  # the score uses the patch anomalies
         patch_train = np.empty(n, np.float64)
-        for owners, raw in held:  # their exact distances are known: no bounded search
-            patch_train[owners] = scorer.map_maxima(raw, embedder.image_size)
-        for owners, patches in kept.batches(*args, among=np.setdiff1d(kept.order, sample)):
+        rest = kept.batches(*args, among=np.setdiff1d(kept.order, sample))
+        for owners, patches in itertools.chain(held, rest):
             patch_train[owners] = scorer.anomalies(patches, embedder.image_size, owners)
     kept.patches = None  # free them before the index and rule are built
     return scorer, patch_train

@@ -75,10 +75,23 @@ class PatchScorer:
         """Distances above the typical one at their grid position (the map's values)."""
         return torch.from_numpy(raw - self.bank.baseline)
 
-    def map_maxima(self, raw: np.ndarray, size: int) -> np.ndarray:
-        """Each image's patch anomaly from every patch's exact distance ``raw`` (n, h, w)."""
-        maps = grid_to_maps(self.excess(raw), size)
-        return maps.flatten(1).amax(dim=1).numpy().astype(np.float64)
+    def distance_bounds(
+        self, features: torch.Tensor, owners: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Distance of each patch to *a* near bank patch: never below the nearest's, mostly equal.
+
+        The coarse search that :meth:`anomalies` starts from, at a fraction of
+        :meth:`raw_distances`' cost; ``owners`` as there.
+
+        Returns
+        -------
+        ndarray of shape (n, h, w), float32
+        """
+        n, h, w, d = features.shape
+        queries = features.reshape(-1, d).numpy()
+        patch_owners = None if owners is None else np.repeat(owners, h * w)
+        squared, _ = self._bounds(queries, patch_owners, (n, h, w))
+        return np.sqrt(np.maximum(squared, 0.0))
 
     def source(self, index: int) -> tuple[int, tuple[float, float]]:
         """Return the training image of bank patch ``index`` and the patch's centre in it.
@@ -113,10 +126,7 @@ class PatchScorer:
         n, h, w, d = features.shape
         queries = features.reshape(-1, d).numpy()
         patch_owners = None if owners is None else np.repeat(owners, h * w)
-        squared = self.bank.nearest_bound(queries, patch_owners).reshape(n, h, w)
-        exact = np.zeros((n, h, w), bool)
-        unbounded = ~np.isfinite(squared)  # the coarse search found only the image's own patches
-        self._search_exactly(queries, patch_owners, squared, exact, unbounded)
+        squared, exact = self._bounds(queries, patch_owners, (n, h, w))
         (rows_first, rows_last), (cols_first, cols_last) = map_reach(size, h), map_reach(size, w)
         result = np.empty(n, np.float64)
         todo = np.arange(n)
@@ -135,6 +145,16 @@ class PatchScorer:
             self._search_exactly(queries, patch_owners, squared, exact, needed)
             todo = todo[~settled]
         return result
+
+    def _bounds(
+        self, queries: np.ndarray, owners: np.ndarray | None, shape: tuple[int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distance bounds of ``queries`` (``shape``), and where they are exact."""
+        squared = self.bank.nearest_bound(queries, owners).reshape(shape)
+        exact = np.zeros(shape, bool)
+        unbounded = ~np.isfinite(squared)  # the coarse search found only the image's own patches
+        self._search_exactly(queries, owners, squared, exact, unbounded)
+        return squared, exact
 
     def _search_exactly(
         self,

@@ -158,6 +158,23 @@ def test_patch_anomalies_equal_the_maxima_of_exact_maps(leave_out, monkeypatch) 
     assert 0 < sum(searched) < features[..., 0].numel() // 2  # most patches: coarse only
 
 
+@pytest.mark.parametrize("leave_out", [False, True])
+def test_distance_bounds_never_fall_below_the_exact_distances_and_mostly_equal_them(
+    leave_out,
+) -> None:
+    scorer = _scorer(4096, 16, 24)
+    assert scorer.bank.coarse is not None
+    features = torch.from_numpy(
+        np.random.default_rng(2).standard_normal((6, 16, 16, 24)).astype(np.float32)
+    )
+    owners = np.arange(6) if leave_out else None
+    exact = scorer.raw_distances(features, owners)[0]
+    bounds = scorer.distance_bounds(features, owners)
+    assert bounds.shape == exact.shape and bounds.dtype == np.float32
+    assert (bounds >= exact * (1 - 1e-6)).all()
+    assert 0.5 < np.isclose(bounds, exact, rtol=1e-5).mean() < 1  # coarse, yet mostly exact
+
+
 def test_a_small_bank_is_searched_exactly() -> None:
     scorer = _scorer(1000, 8, 8)
     assert scorer.bank.coarse is None
@@ -165,7 +182,7 @@ def test_a_small_bank_is_searched_exactly() -> None:
     raw = scorer.raw_distances(features)[0]
     exact = grid_to_maps(scorer.excess(raw), 64).amax(dim=(1, 2)).double().numpy()
     np.testing.assert_array_equal(scorer.anomalies(features, 64), exact)
-    np.testing.assert_array_equal(scorer.map_maxima(raw, 64), exact)
+    np.testing.assert_array_equal(scorer.distance_bounds(features), raw)
 
 
 def test_a_square_image_maps_back_onto_itself() -> None:
