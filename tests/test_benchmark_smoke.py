@@ -180,3 +180,16 @@ def test_set_constants_sets_a_library_constant_and_names_a_missing_one(monkeypat
     with pytest.raises(SystemExit, match="'sixty' is not a JSON value"):
         set_constants(["msc_detector.coreset.PROJECTION_DIM=sixty"])
     assert coreset.PROJECTION_DIM == 64  # a refused item changes nothing
+
+
+def test_patch_search_baseline_rows_compare_bounds_with_exact_distances() -> None:
+    from benchmarks import patch_search, verdict_cost
+    from msc_detector import MSCDetector
+
+    train = verdict_cost.crops(6, 32, 0)
+    tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 4}
+    det = MSCDetector(**tiny, patch_memory=20).fit(train)
+    row = patch_search.baseline_rows(det, train)
+    assert row["baseline_images"] == 6  # fewer images than the sample: all of them
+    # a bank this small has no coarse lists: its bounds are the exact distances
+    assert row["equal_share"] == 1.0 and row["baseline_mean_relative_difference"] == 0.0
