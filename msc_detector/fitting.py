@@ -11,8 +11,8 @@ The steps, each over torch, Faiss and numpy objects (no scikit-learn here):
    patch bank;
 5. index the embeddings; their leave-self-out kNN distances are the global anomalies;
 6. the leave-one-image-out patch distances of the training images, against the finished
-   bank, give its per-position baseline and the patch anomalies (every image where the
-   score uses patches, else the 64 images the baseline needs);
+   bank, give its per-position baseline (from the coarse search's bounds of 64 images)
+   and the patch anomalies (every image, where the score uses patches);
 7. calibrate the :class:`~msc_detector.verdict.ScoreRule` on those anomalies.
 
 So after training every image goes through the network once: step 6 searches the patch
@@ -61,8 +61,9 @@ _CACHE_BYTES = 3 * 2**30
 #: Bytes of patch embeddings the fit keeps from its pass for the leave-one-image-out
 #: distances (float32); beyond them it runs the images through the network again.
 KEPT_PATCH_BYTES = 3 * 2**30
-# Training images whose leave-self-out patch distances set the bank's baseline: 64 set
-# it as well as 256 did (benchmarks/results/score_rules_baseline64.md, defects_baseline64.md).
+# Training images whose leave-self-out patch distance bounds set the bank's baseline: 64
+# set it as well as 256 did (benchmarks/results/score_rules_baseline64.md,
+# defects_baseline64.md, measured with exact distances).
 _BASELINE_IMAGES = 64
 _DIVERGED = (
     "Fine-tuning diverged: the {what} became non-finite, so every image would score alike. "
@@ -334,7 +335,7 @@ def _distance_order(settings: FitSettings, n: int) -> np.ndarray:
 
 
 def _baseline_sample(n: int) -> np.ndarray:
-    """Return the images, spread over the training set, whose distances set the baseline."""
+    """Return the images, spread over the training set, whose distance bounds set the baseline."""
     return np.unique(np.linspace(0, n - 1, _BASELINE_IMAGES).round()).astype(np.int64)
 
 
