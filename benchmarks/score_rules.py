@@ -17,8 +17,10 @@ its ROC-AUC is reported per set and averaged over the two kinds of set:
   from the rest (as the textures do), ``scene:`` takes both from anywhere in the photo
   (new random positions for the test crops).
 
-The arrays go to ``benchmarks/results/score_rules/<set>.npz`` (a re-run reuses them),
-the table to ``benchmarks/results/<name>.md`` and ``.json``.
+The arrays go to ``benchmarks/results/score_rules/<set>.npz``, with a digest of the
+library's source: a re-run reuses them while the library is unchanged (new rules cost
+no fit) and fits again after any change to it. The table goes to
+``benchmarks/results/<name>.md`` and ``.json``.
 
 Examples
 --------
@@ -31,6 +33,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -171,6 +174,18 @@ def load_set(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return train, x_test, y_test != label
 
 
+def library_digest() -> str:
+    """SHA-256 of the ``msc_detector`` package's Python source, file names included."""
+    import msc_detector
+
+    package = Path(msc_detector.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _cache(params: dict[str, Any]) -> Path:
     """The folder of the cached arrays of the detectors fitted with ``params``."""
     if not params:
@@ -187,8 +202,12 @@ def components(name: str, params: dict[str, Any] | None = None) -> dict[str, np.
     params = dict(params or {})
     folder = _cache(params)
     path = folder / f"{name.replace(':', '_')}.npz"
+    library = library_digest()
     if path.exists():
-        return dict(np.load(path))
+        cached = dict(np.load(path))
+        if str(cached.pop("library", "")) == library:  # fitted by this very library
+            return cached
+        print(f"{name}: cached arrays from another version of the library; fitting again")
     from msc_detector import MSCDetector
 
     train, test, is_anomaly = load_set(name)
@@ -212,7 +231,7 @@ def components(name: str, params: dict[str, Any] | None = None) -> dict[str, np.
         "fit_seconds": np.float64(fit_seconds),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays, library=np.str_(library))
     return arrays
 
 

@@ -193,3 +193,23 @@ def test_patch_search_baseline_rows_compare_bounds_with_exact_distances() -> Non
     assert row["baseline_images"] == 6  # fewer images than the sample: all of them
     # a bank this small has no coarse lists: its bounds are the exact distances
     assert row["equal_share"] == 1.0 and row["baseline_mean_relative_difference"] == 0.0
+
+
+def test_score_rules_reuses_cached_arrays_only_from_the_same_library(
+    tmp_path, monkeypatch
+) -> None:
+    from benchmarks import score_rules
+    from msc_detector import MSCDetector
+
+    monkeypatch.setattr(score_rules, "CACHE", tmp_path)
+    fits: list[int] = []
+    fit = MSCDetector.fit
+    monkeypatch.setattr(MSCDetector, "fit", lambda self, X, *a, **k: fits.append(1) or fit(self, X))
+    tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 16, "patch_memory": 20}
+    first = score_rules.components("lfw", tiny)
+    again = score_rules.components("lfw", tiny)
+    assert len(fits) == 1  # the second call read the cache
+    np.testing.assert_array_equal(again["patch_test"], first["patch_test"])
+    monkeypatch.setattr(score_rules, "library_digest", lambda: "another version")
+    score_rules.components("lfw", tiny)
+    assert len(fits) == 2  # a changed library fits again
