@@ -204,7 +204,7 @@ def test_score_rules_reuses_cached_arrays_only_from_the_same_library(
     monkeypatch.setattr(score_rules, "CACHE", tmp_path)
     fits: list[int] = []
     fit = MSCDetector.fit
-    monkeypatch.setattr(MSCDetector, "fit", lambda self, X, *a, **k: fits.append(1) or fit(self, X))
+    monkeypatch.setattr(MSCDetector, "fit", lambda self, X, *a: fits.append(1) or fit(self, X))
     tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 16, "patch_memory": 20}
     first = score_rules.components("lfw", tiny)
     again = score_rules.components("lfw", tiny)
