@@ -63,13 +63,13 @@ class PatchScorer:
         distances : ndarray of shape (n, h, w), float32
         nearest : ndarray of shape (n, h, w), int64
         """
-        n, h, w, d = features.shape
-        queries = features.reshape(-1, d).numpy()
-        if owners is None:
+        queries, patch_owners = _queries(features, owners)
+        if patch_owners is None:
             squared, nearest = self.bank.nearest(queries)
         else:
-            squared, nearest = self.bank.nearest_other_image(queries, np.repeat(owners, h * w))
-        return np.sqrt(np.maximum(squared, 0.0)).reshape(n, h, w), nearest.reshape(n, h, w)
+            squared, nearest = self.bank.nearest_other_image(queries, patch_owners)
+        shape = features.shape[:3]
+        return np.sqrt(np.maximum(squared, 0.0)).reshape(shape), nearest.reshape(shape)
 
     def excess(self, raw: np.ndarray) -> torch.Tensor:
         """Distances above the typical one at their grid position (the map's values)."""
@@ -87,10 +87,8 @@ class PatchScorer:
         -------
         ndarray of shape (n, h, w), float32
         """
-        n, h, w, d = features.shape
-        queries = features.reshape(-1, d).numpy()
-        patch_owners = None if owners is None else np.repeat(owners, h * w)
-        squared, _ = self._bounds(queries, patch_owners, (n, h, w))
+        queries, patch_owners = _queries(features, owners)
+        squared, _ = self._bounds(queries, patch_owners, features.shape[:3])
         return np.sqrt(np.maximum(squared, 0.0))
 
     def source(self, index: int) -> tuple[int, tuple[float, float]]:
@@ -110,7 +108,7 @@ class PatchScorer:
     ) -> np.ndarray:
         """Measure each image's patch anomaly, its map's maximum, searching few patches exactly.
 
-        :meth:`map_maxima` of the exact distances, ``raw_distances(features,
+        The maximum of the map of the exact distances, ``raw_distances(features,
         owners)[0]``, but most patches are not searched exactly. The
         coarse search bounds every patch's distance from above, so a map made from the
         bounds lies on or above the exact map everywhere. Where the map made so far
@@ -123,9 +121,8 @@ class PatchScorer:
         -------
         ndarray of shape (n,), float64
         """
-        n, h, w, d = features.shape
-        queries = features.reshape(-1, d).numpy()
-        patch_owners = None if owners is None else np.repeat(owners, h * w)
+        n, h, w, _ = features.shape
+        queries, patch_owners = _queries(features, owners)
         squared, exact = self._bounds(queries, patch_owners, (n, h, w))
         (rows_first, rows_last), (cols_first, cols_last) = map_reach(size, h), map_reach(size, w)
         result = np.empty(n, np.float64)
@@ -147,7 +144,7 @@ class PatchScorer:
         return result
 
     def _bounds(
-        self, queries: np.ndarray, owners: np.ndarray | None, shape: tuple[int, int, int]
+        self, queries: np.ndarray, owners: np.ndarray | None, shape: tuple[int, ...]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Squared distance bounds of ``queries`` (``shape``), and where they are exact."""
         squared = self.bank.nearest_bound(queries, owners).reshape(shape)
@@ -174,6 +171,14 @@ class PatchScorer:
             found = self.bank.nearest_other_image(queries[rows], owners[rows])[0]
         squared.reshape(-1)[rows] = found
         exact.reshape(-1)[rows] = True
+
+
+def _queries(
+    features: torch.Tensor, owners: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return the patches of ``features`` (n, h, w, d) as search queries, and each one's image."""
+    _, h, w, d = features.shape
+    return features.reshape(-1, d).numpy(), None if owners is None else np.repeat(owners, h * w)
 
 
 @dataclass(frozen=True)

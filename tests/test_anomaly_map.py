@@ -216,8 +216,8 @@ def test_a_sample_of_the_images_sets_the_baseline_and_every_image_is_scored(
     np.testing.assert_allclose(
         det.patch_bank_.baseline, grids[sample].mean(axis=0), rtol=1e-4, atol=1e-5
     )
-    # The sample's scores come from the distances that set the baseline, the others'
-    # from the bounded search: all of them are the leave-self-out patch scores.
+    # The sample sets the baseline (from distance bounds, exact on a bank this small),
+    # and every image's score is its leave-self-out patch score.
     np.testing.assert_allclose(det.train_scores_, patch_scores(det, grids), rtol=1e-4)
 
 
