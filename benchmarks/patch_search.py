@@ -8,6 +8,10 @@ One default detector is fitted on 224-pixel crops of OpenCV's sample photos (as
   <msc_detector.model.PatchScorer.anomalies>` (a coarse bound, exact search under the
   peak): milliseconds per image, patches searched exactly per image, the largest
   relative difference between the two;
+* the **exact search**: Faiss's exact flat index against the bank's block scan
+  (:class:`~msc_detector.patch_bank.BankScan`), on batches of test patches of the sizes
+  the bounded search (tens to hundreds) and maps (thousands) ask for: milliseconds per
+  1,000 queries, and how often both find the same patch;
 * the **coarse index**: seconds to build the bank's index with it;
 * the **map baseline**: on the training images that set it, the coarse search's
   leave-one-image-out bounds (what fit averages) against the exact distances: the
@@ -43,11 +47,42 @@ from benchmarks.output import RESULTS, write_results
 from benchmarks.verdict_cost import crops
 
 CORESETS = ((16384, 128), (8192, 128), (16384, 64))
+EXACT_BATCHES = (32, 128, 512, 4096)  # queries per exact search
+
+
+def exact_search_rows(bank: Any, patches: torch.Tensor) -> list[dict[str, float]]:
+    """Faiss's exact flat search against the bank's scan, per query batch size."""
+    import faiss
+
+    flat = faiss.IndexFlatL2(patches.shape[1])
+    flat.add(np.ascontiguousarray(bank.vectors()))
+    queries = patches.numpy()[:: max(1, len(patches) // 16384)]
+    rows = []
+    for batch in EXACT_BATCHES:
+        batches = [queries[i : i + batch] for i in range(0, len(queries), batch)]
+        seconds, found = {}, {}
+        for name, search in (
+            ("faiss", lambda q: flat.search(q, 1)[1][:, 0]),
+            ("scan", lambda q: bank.scan.nearest(q)[1]),
+        ):
+            start = time.perf_counter()
+            found[name] = np.concatenate([search(q) for q in batches])
+            seconds[name] = time.perf_counter() - start
+        rows.append(
+            {
+                "queries_per_search": batch,
+                "faiss_ms_per_1000": 1000 * seconds["faiss"] / len(queries) * 1000,
+                "scan_ms_per_1000": 1000 * seconds["scan"] / len(queries) * 1000,
+                "same_patch_share": float((found["faiss"] == found["scan"]).mean()),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
 
 
 def patch_anomaly_rows(det: Any, features: list[torch.Tensor]) -> dict[str, float]:
     """Exhaustive against bounded patch anomalies of the batches ``features``."""
-    from msc_detector.index import PatchIndex
+    from msc_detector.patch_bank import PatchIndex
     from msc_detector.patches import grid_to_maps
 
     scorer, size = det.model_.patches, det.image_size_
@@ -176,6 +211,15 @@ def render(result: dict[str, Any]) -> str:
         f"{100 * base['baseline_max_relative_difference']:.2f} %; bounded search "
         f"{base['bounded_seconds']:.2f} s, exact {base['exact_seconds']:.2f} s.",
         "",
+        "| exact search: queries per search | Faiss flat, ms per 1,000 queries | bank scan, "
+        "ms per 1,000 | same nearest patch |",
+        "|---|---|---|---|",
+        *(
+            f"| {row['queries_per_search']} | {row['faiss_ms_per_1000']:.1f} | "
+            f"{row['scan_ms_per_1000']:.1f} | {100 * row['same_patch_share']:.2f} % |"
+            for row in result.get("exact", [])
+        ),
+        "",
         "| coreset block | projection | seconds | mean cover | max cover |",
         "|---|---|---|---|---|",
     ]
@@ -212,6 +256,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
         "search": search,
         "baseline": baseline_rows(det, train),
+        "exact": exact_search_rows(det.patch_bank_, patches),
         "coresets": coreset_rows(patches, len(det.patch_bank_)),
     }
     table = render(result)

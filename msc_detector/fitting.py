@@ -43,8 +43,9 @@ from msc_detector.coreset import StreamingCoreset
 from msc_detector.data import ImageSource, PathSource, ResizedImages
 from msc_detector.data import auto_image_size as _auto_image_size
 from msc_detector.embedding import Embedder, View, join_views
-from msc_detector.index import IndexSpec, KNNIndex, PatchIndex
+from msc_detector.index import IndexSpec, KNNIndex
 from msc_detector.model import FittedModel, PatchScorer
+from msc_detector.patch_bank import PatchIndex
 from msc_detector.patches import resolve_stages
 from msc_detector.runtime import Runtime
 from msc_detector.training import TrainConfig, fine_tune, mean_center

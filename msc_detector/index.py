@@ -12,8 +12,7 @@ search never changes the fitted index. Searches move a copy to a GPU only when
 sees them (:mod:`msc_detector.index_storage`), and :func:`check_serialized_sizes` guards
 ``faiss.serialize_index`` bytes before Faiss's reader parses them.
 
-:class:`PatchIndex` adds, per indexed patch, the training image it came from and its
-place in the feature grid, for leave-one-image-out searches and explanations.
+The patch bank has its own search (:class:`msc_detector.patch_bank.PatchIndex`).
 """
 
 from __future__ import annotations
@@ -37,9 +36,8 @@ from msc_detector.index_kinds import (
     has_plain_form,
 )
 from msc_detector.index_storage import Layout, check_serialized_sizes
-from msc_detector.inverted_lists import InvertedLists
 
-__all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "PatchIndex", "check_serialized_sizes"]
+__all__ = ["INDEX_KINDS", "IndexSpec", "KNNIndex", "check_serialized_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -863,136 +861,3 @@ def _sample(chunks: Iterable[np.ndarray], size: int, seed: int) -> np.ndarray:
             best = np.argpartition(keys, size - 1)[:size]
             keys, positions, kept = keys[best], positions[best], kept[best]
     return np.ascontiguousarray(kept[np.argsort(positions)])
-
-
-class PatchIndex:
-    """Patch embeddings of training images with their owners, under exact L2 search.
-
-    Parameters
-    ----------
-    vectors : ndarray of shape (m, d)
-        The patch embeddings.
-    owners : ndarray of shape (m,)
-        Index of the training image each patch comes from.
-    positions : ndarray of shape (m, 2)
-        Row and column of each patch in its image's feature grid.
-    grid : tuple of int
-        ``(h, w)``, the feature grid of every image.
-    baseline : ndarray of shape (h, w), optional
-        The typical distance from a normal patch at each grid position to the nearest
-        patch of another image: what a distance there is measured against. Zeros when
-        not given.
-
-    Attributes
-    ----------
-    index : KNNIndex
-        Exact search.
-    coarse : InvertedLists or None
-        The same patches in inverted lists, built from them (never stored), for
-        :meth:`nearest_bound`; ``None`` for a bank under 1,024 patches.
-    owners, positions : ndarray, int64
-    grid : tuple of int
-    baseline : ndarray of shape (h, w), float32
-    """
-
-    # Neighbours fetched first by a leave-one-image-out search; doubled where needed.
-    _FIRST_K = 16
-    # The coarse lists: about this many patches per list, these lists probed per query,
-    # none below this many lists (a small bank is searched exactly, cheaply).
-    _PATCHES_PER_LIST = 128
-    _PROBES = 3
-    _MIN_LISTS = 8
-
-    def __init__(
-        self,
-        vectors: np.ndarray,
-        owners: np.ndarray,
-        positions: np.ndarray,
-        grid: tuple[int, int],
-        baseline: np.ndarray | None = None,
-    ) -> None:
-        self.index = KNNIndex().fit(vectors)
-        self.owners = np.ascontiguousarray(owners, dtype=np.int64)
-        self.positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1, 2)
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.baseline = np.zeros(self.grid, np.float32)
-        if baseline is not None:
-            self.baseline = np.ascontiguousarray(baseline, dtype=np.float32).reshape(self.grid)
-        if not len(self.owners) == len(self.positions) == self.index.ntotal:
-            raise ValueError("A patch index needs one owner and one position per vector.")
-        lists = len(self.owners) // self._PATCHES_PER_LIST
-        self.coarse: InvertedLists | None = None
-        if lists >= self._MIN_LISTS:
-            self.coarse = InvertedLists(vectors, self.owners, lists, self._PROBES)
-
-    def __len__(self) -> int:
-        return self.index.ntotal
-
-    def vectors(self) -> np.ndarray:
-        """Return the indexed patch embeddings, ``(m, d)`` float32."""
-        return self.index.vectors()
-
-    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Squared distance to, and position in the index of, each query's nearest patch.
-
-        Returns
-        -------
-        distances : ndarray of shape (q,), float32
-        indices : ndarray of shape (q,), int64
-        """
-        dists, idx = self.index.search(queries, 1)
-        return dists[:, 0], idx[:, 0]
-
-    def nearest_bound(
-        self, queries: np.ndarray, query_owners: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Squared distance to *a* near bank patch: never below the nearest's, mostly equal.
-
-        The coarse lists (:class:`~msc_detector.inverted_lists.InvertedLists`, a few
-        probed) find a bank patch close to each query at a fraction of an exact
-        search's cost; its distance bounds the nearest distance from above. A bank too
-        small for them is searched exactly. With ``query_owners``, patches of the
-        query's own image are skipped (``inf`` where the probed lists hold only those).
-
-        Returns
-        -------
-        ndarray of shape (q,), float32
-        """
-        if self.coarse is None:
-            if query_owners is None:
-                return self.nearest(queries)[0]
-            return self.nearest_other_image(queries, query_owners)[0]
-        return self.coarse.nearest_bound(queries, query_owners)
-
-    def nearest_other_image(
-        self, queries: np.ndarray, query_owners: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`nearest`, among the patches of images other than each query's own.
-
-        A query whose image owns every indexed patch gets its nearest own patch.
-
-        Parameters
-        ----------
-        queries : ndarray of shape (q, d)
-        query_owners : ndarray of shape (q,)
-            The training image each query comes from.
-        """
-        query_owners = np.asarray(query_owners, dtype=np.int64)
-        dists = np.empty(len(queries), np.float32)
-        found = np.empty(len(queries), np.int64)
-        todo = np.arange(len(queries))
-        k = min(self._FIRST_K, len(self))
-        while len(todo):
-            d, i = self.index.search(queries[todo], k)
-            other = self.owners[i] != query_owners[todo, None]
-            hit = other.any(axis=1)
-            first = other.argmax(axis=1)
-            rows = np.flatnonzero(hit)
-            dists[todo[rows]] = d[rows, first[rows]]
-            found[todo[rows]] = i[rows, first[rows]]
-            todo = todo[~hit]
-            if k == len(self) and len(todo):  # only own patches: the nearest of those
-                dists[todo], found[todo] = d[~hit, 0], i[~hit, 0]
-                break
-            k = min(2 * k, len(self))
-        return dists, found

@@ -26,7 +26,8 @@ from torch import nn
 from msc_detector.backbones import BackboneSpec
 from msc_detector.data import ImageSource
 from msc_detector.embedding import Embedder, View
-from msc_detector.index import KNNIndex, PatchIndex
+from msc_detector.index import KNNIndex
+from msc_detector.patch_bank import PatchIndex
 from msc_detector.patches import grid_to_maps, map_reach, map_to_image, network_positions
 from msc_detector.runtime import Precision, land_runtime
 from msc_detector.verdict import ScoreRule

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import compare, one_class
 from msc_detector import MSCDetector
@@ -193,6 +194,10 @@ def test_patch_search_baseline_rows_compare_bounds_with_exact_distances() -> Non
     assert row["baseline_images"] == 6  # fewer images than the sample: all of them
     # a bank this small has no coarse lists: its bounds are the exact distances
     assert row["equal_share"] == 1.0 and row["baseline_mean_relative_difference"] == 0.0
+    patches = torch.randn(300, det.patch_bank_.vectors().shape[1])
+    rows = patch_search.exact_search_rows(det.patch_bank_, patches)
+    assert [r["queries_per_search"] for r in rows] == list(patch_search.EXACT_BATCHES)
+    assert all(r["same_patch_share"] == 1.0 and r["scan_ms_per_1000"] > 0 for r in rows)
 
 
 def test_score_rules_reuses_cached_arrays_only_from_the_same_library(

@@ -11,8 +11,8 @@ from conftest import small_module
 
 from msc_detector.backbones import create_backbone
 from msc_detector.embedding import Embedder, View
-from msc_detector.index import PatchIndex
 from msc_detector.model import PatchScorer
+from msc_detector.patch_bank import PatchIndex
 from msc_detector.patches import (
     SIGMA_AT_224,
     gaussian_blur,

@@ -1,12 +1,13 @@
-"""InvertedLists: upper bounds on nearest distances, exact when every list is probed."""
+"""The patch bank's searches: the exact block scan, and the inverted lists' upper bounds."""
 
 from __future__ import annotations
 
 import pickle
 
 import numpy as np
+import pytest
 
-from msc_detector.inverted_lists import InvertedLists
+from msc_detector.patch_bank import BankScan, InvertedLists
 
 
 def _bank(m: int = 2048, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,3 +67,33 @@ def test_a_pickled_copy_gives_the_same_bounds() -> None:
     np.testing.assert_array_equal(
         copy.nearest_bound(queries, owners[:60]), lists.nearest_bound(queries, owners[:60])
     )
+
+
+@pytest.mark.parametrize("leave_out", [False, True])
+def test_the_scan_finds_the_nearest_vector_across_blocks_of_bank_and_queries(
+    leave_out, monkeypatch
+) -> None:
+    monkeypatch.setattr(BankScan, "_BANK_BLOCK", 300)  # 2048 = 6 full blocks and a part
+    monkeypatch.setattr(BankScan, "_QUERY_BLOCK", 64)
+    vectors, owners = _bank()
+    queries = np.random.default_rng(5).standard_normal((150, 16)).astype(np.float32)
+    query_owners = owners[:150] if leave_out else None
+    squared = ((queries[:, None, :] - vectors[None]) ** 2).sum(-1)
+    if leave_out:
+        squared[owners[None, :] == query_owners[:, None]] = np.inf
+    got, found = BankScan(vectors, owners).nearest(queries, query_owners)
+    assert got.dtype == np.float32 and found.dtype == np.int64
+    np.testing.assert_array_equal(found, squared.argmin(axis=1))
+    np.testing.assert_allclose(got, squared.min(axis=1), rtol=1e-5)
+
+
+def test_the_scan_gives_a_vector_its_own_distance_exactly_zero() -> None:
+    vectors = np.random.default_rng(6).normal(30.0, 1.0, (500, 64)).astype(np.float32)
+    got, found = BankScan(vectors, np.arange(500)).nearest(vectors[:20])
+    assert found.tolist() == list(range(20)) and (got == 0).all()  # no rounding residue
+
+
+def test_a_scan_query_whose_image_owns_the_whole_bank_is_unbounded() -> None:
+    vectors, _ = _bank(m=40)
+    got, _ = BankScan(vectors, np.zeros(40)).nearest(vectors[:3], np.zeros(3))
+    assert np.isinf(got).all()
