@@ -3,9 +3,11 @@
 A :class:`PatchIndex` holds the patches a fit kept, each with the training image it
 came from and its place in the feature grid, for leave-one-image-out searches and
 explanations. Its searches compare a block of queries with a block of the bank in one
-matrix product and take the minimum: at a bank of tens of thousands of patches this is
-faster on a CPU than Faiss's exact flat search (``benchmarks/patch_search.py``), and the
-patches of a query's own image are masked out in the same step.
+matrix product and take the minimum: for the tens to hundreds of queries a bounded
+search asks about at a time, this is faster on a CPU than Faiss's exact flat search
+(``benchmarks/patch_search.py``), and the patches of a query's own image are masked out
+in the same step. Thousands of queries at once (a map's every patch) go to Faiss's exact
+search of the same array, faster there.
 
 :class:`BankScan` searches the whole bank exactly. :class:`InvertedLists` groups it by
 the nearest of a few k-means centroids and compares each query with the patches of its
@@ -65,32 +67,34 @@ class BankScan:
         The training image of each vector, for leave-one-image-out searches.
     """
 
-    # Bank columns and queries per matrix product: the product (4 MiB of float32 at
-    # most) stays in cache, which made the scan faster than larger blocks did.
+    # Bank vectors and queries per matrix product: the product (4 MiB of float32 at most)
+    # stays in cache, which made the scan faster than larger blocks did.
     _BANK_BLOCK = 2048
     _QUERY_BLOCK = 512
+    # From this many queries (a map's every patch), Faiss's exact search is the faster.
+    _FAISS_FROM = 4096
 
     def __init__(self, vectors: np.ndarray, owners: np.ndarray) -> None:
-        bank = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-        self.matrix = bank.T.contiguous()  # (d, m): a block of columns is one operand
-        self.norms = (bank * bank).sum(dim=1)
+        self.bank = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.norms = (self.bank * self.bank).sum(dim=1)
         self.owners = torch.from_numpy(np.asarray(owners, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.norms)
 
     def vectors(self) -> np.ndarray:
-        """Return the bank, ``(m, d)`` float32 (a view)."""
-        return self.matrix.T.numpy()
+        """Return the bank, ``(m, d)`` float32 (not a copy)."""
+        return self.bank.numpy()
 
     def nearest(
         self, queries: np.ndarray, query_owners: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Squared distance to, and position of, each query's nearest bank vector.
 
-        The nearest is found by matrix products; its distance is then computed directly,
-        so that it is exact to float32 rounding even when small. With ``query_owners``, vectors of the query's own image are skipped: ``inf``
-        (at position 0) where the bank holds only those.
+        The nearest is found from distances in the expanded form; its distance is then
+        computed again directly, which keeps a small one exact (a vector against itself
+        is 0). With ``query_owners``, vectors of the query's own image are skipped:
+        ``inf`` (at position 0) where the bank holds only those.
 
         Returns
         -------
@@ -98,17 +102,19 @@ class BankScan:
         indices : ndarray of shape (q,), int64
         """
         q, q_owners = _as_queries(queries, query_owners)
-        squared = torch.empty(len(q))
-        indices = torch.empty(len(q), dtype=torch.int64)
-        for first in range(0, len(q), self._QUERY_BLOCK):
-            rows = slice(first, first + self._QUERY_BLOCK)
-            block_owners = None if q_owners is None else q_owners[rows]
-            squared[rows], indices[rows] = self._nearest_block(q[rows], block_owners)
-        # The nearest's distance again, as a sum of squared differences: the expanded
-        # form loses the last digits of a small distance (a patch against itself).
+        if q_owners is None and len(q) >= self._FAISS_FROM:
+            squared, indices = (
+                torch.from_numpy(a[:, 0]) for a in faiss.knn(q.numpy(), self.vectors(), 1)
+            )
+        else:
+            squared = torch.empty(len(q))
+            indices = torch.empty(len(q), dtype=torch.int64)
+            for first in range(0, len(q), self._QUERY_BLOCK):
+                rows = slice(first, first + self._QUERY_BLOCK)
+                block_owners = None if q_owners is None else q_owners[rows]
+                squared[rows], indices[rows] = self._nearest_block(q[rows], block_owners)
         found = torch.isfinite(squared)
-        nearest = self.matrix.T[indices[found]]
-        squared[found] = ((q[found] - nearest) ** 2).sum(dim=1)
+        squared[found] = ((q[found] - self.bank[indices[found]]) ** 2).sum(dim=1)
         return squared.numpy(), indices.numpy()
 
     def _nearest_block(
@@ -117,9 +123,9 @@ class BankScan:
         best = torch.full((len(q),), float("inf"))
         found = torch.zeros(len(q), dtype=torch.int64)
         for first in range(0, len(self), self._BANK_BLOCK):
-            cols = slice(first, first + self._BANK_BLOCK)
+            rows = slice(first, first + self._BANK_BLOCK)
             partial = _partial_distances(
-                q, self.matrix[:, cols], self.norms[cols], self.owners[cols], q_owners
+                q, self.bank[rows].T, self.norms[rows], self.owners[rows], q_owners
             )
             values, where = partial.min(dim=1)
             closer = values < best
