@@ -83,8 +83,10 @@ class BankScan:
         return len(self.norms)
 
     def vectors(self) -> np.ndarray:
-        """Return the bank, ``(m, d)`` float32 (not a copy)."""
-        return self.bank.numpy()
+        """Return the bank, ``(m, d)`` float32: a read-only view, not a copy."""
+        view = self.bank.numpy().view()
+        view.flags.writeable = False
+        return view
 
     def nearest(
         self, queries: np.ndarray, query_owners: np.ndarray | None = None
@@ -104,7 +106,7 @@ class BankScan:
         q, q_owners = _as_queries(queries, query_owners)
         if q_owners is None and len(q) >= self._FAISS_FROM:
             squared, indices = (
-                torch.from_numpy(a[:, 0]) for a in faiss.knn(q.numpy(), self.vectors(), 1)
+                torch.from_numpy(a[:, 0]) for a in faiss.knn(q.numpy(), self.bank.numpy(), 1)
             )
         else:
             squared = torch.empty(len(q))
@@ -278,7 +280,7 @@ class PatchIndex:
         return len(self.owners)
 
     def vectors(self) -> np.ndarray:
-        """Return the indexed patch embeddings, ``(m, d)`` float32."""
+        """Return the indexed patch embeddings, ``(m, d)`` float32 (read-only)."""
         return self.scan.vectors()
 
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -100,3 +100,12 @@ def test_a_scan_query_whose_image_owns_the_whole_bank_is_unbounded() -> None:
     vectors, _ = _bank(m=40)
     got, _ = BankScan(vectors, np.zeros(40)).nearest(vectors[:3], np.zeros(3))
     assert np.isinf(got).all()
+
+
+def test_the_scan_hands_out_its_bank_read_only() -> None:
+    vectors, owners = _bank(m=64)
+    scan = BankScan(vectors, owners)
+    np.testing.assert_array_equal(scan.vectors(), vectors)
+    with pytest.raises(ValueError, match="read-only"):
+        scan.vectors()[0, 0] = 1.0
+    np.testing.assert_array_equal(scan.vectors(), vectors)  # the bank is as it was
