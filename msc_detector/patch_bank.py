@@ -75,7 +75,8 @@ class BankScan:
     _FAISS_FROM = 4096
 
     def __init__(self, vectors: np.ndarray, owners: np.ndarray) -> None:
-        self.bank = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        # A copy of its own: the caller's array may change later, or be read-only.
+        self.bank = torch.from_numpy(np.array(vectors, dtype=np.float32, order="C"))
         self.norms = (self.bank * self.bank).sum(dim=1)
         self.owners = torch.from_numpy(np.asarray(owners, dtype=np.int64))
 

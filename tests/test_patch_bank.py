@@ -109,3 +109,15 @@ def test_the_scan_hands_out_its_bank_read_only() -> None:
     with pytest.raises(ValueError, match="read-only"):
         scan.vectors()[0, 0] = 1.0
     np.testing.assert_array_equal(scan.vectors(), vectors)  # the bank is as it was
+
+
+def test_the_scan_keeps_a_copy_of_the_bank_it_was_given(recwarn) -> None:
+    vectors, owners = _bank(m=64)
+    given = vectors.copy()
+    given.flags.writeable = False  # as a loaded model file's arrays can be
+    BankScan(given, owners)
+    assert not recwarn.list  # torch warns about tensors over read-only arrays
+    writable = vectors.copy()
+    scan = BankScan(writable, owners)
+    writable[:] = 0.0  # the caller's array changes later
+    np.testing.assert_array_equal(scan.vectors(), vectors)
