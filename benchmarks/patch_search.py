@@ -98,7 +98,9 @@ def patch_anomaly_rows(det: Any, features: list[torch.Tensor]) -> dict[str, floa
     exhaustive_seconds = time.perf_counter() - start
     searched: list[int] = []
     nearest = bank.nearest
-    bank.nearest = lambda queries: searched.append(len(queries)) or nearest(queries)
+    bank.nearest = lambda queries, *owners: (
+        searched.append(len(queries)) or nearest(queries, *owners)
+    )
     start = time.perf_counter()
     bounded = np.concatenate([scorer.anomalies(f, size) for f in features])
     bounded_seconds = time.perf_counter() - start

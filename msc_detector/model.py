@@ -65,10 +65,7 @@ class PatchScorer:
         nearest : ndarray of shape (n, h, w), int64
         """
         queries, patch_owners = _queries(features, owners)
-        if patch_owners is None:
-            squared, nearest = self.bank.nearest(queries)
-        else:
-            squared, nearest = self.bank.nearest_other_image(queries, patch_owners)
+        squared, nearest = self.bank.nearest(queries, patch_owners)
         shape = features.shape[:3]
         return np.sqrt(np.maximum(squared, 0.0)).reshape(shape), nearest.reshape(shape)
 
@@ -166,10 +163,7 @@ class PatchScorer:
         rows = np.flatnonzero(needed)
         if not len(rows):
             return
-        if owners is None:
-            found = self.bank.nearest(queries[rows])[0]
-        else:
-            found = self.bank.nearest_other_image(queries[rows], owners[rows])[0]
+        found = self.bank.nearest(queries[rows], None if owners is None else owners[rows])[0]
         squared.reshape(-1)[rows] = found
         exact.reshape(-1)[rows] = True
 

@@ -284,15 +284,24 @@ class PatchIndex:
         """Return the indexed patch embeddings, ``(m, d)`` float32 (read-only)."""
         return self.scan.vectors()
 
-    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def nearest(
+        self, queries: np.ndarray, query_owners: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Squared distance to, and position in the index of, each query's nearest patch.
+
+        With ``query_owners`` (the training image each query comes from), patches of the
+        query's own image are skipped; a query whose image owns every indexed patch gets
+        its nearest own patch.
 
         Returns
         -------
         distances : ndarray of shape (q,), float32
         indices : ndarray of shape (q,), int64
         """
-        return self.scan.nearest(queries)
+        squared, found = self.scan.nearest(queries, query_owners)
+        if query_owners is not None and (alone := ~np.isfinite(squared)).any():
+            squared[alone], found[alone] = self.scan.nearest(np.asarray(queries)[alone])
+        return squared, found
 
     def nearest_bound(
         self, queries: np.ndarray, query_owners: np.ndarray | None = None
@@ -310,25 +319,5 @@ class PatchIndex:
         ndarray of shape (q,), float32
         """
         if self.coarse is None:
-            if query_owners is None:
-                return self.nearest(queries)[0]
-            return self.nearest_other_image(queries, query_owners)[0]
+            return self.nearest(queries, query_owners)[0]
         return self.coarse.nearest_bound(queries, query_owners)
-
-    def nearest_other_image(
-        self, queries: np.ndarray, query_owners: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`nearest`, among the patches of images other than each query's own.
-
-        A query whose image owns every indexed patch gets its nearest own patch.
-
-        Parameters
-        ----------
-        queries : ndarray of shape (q, d)
-        query_owners : ndarray of shape (q,)
-            The training image each query comes from.
-        """
-        squared, found = self.scan.nearest(queries, query_owners)
-        if (alone := ~np.isfinite(squared)).any():
-            squared[alone], found[alone] = self.scan.nearest(np.asarray(queries)[alone])
-        return squared, found

@@ -149,9 +149,10 @@ def test_patch_anomalies_equal_the_maxima_of_exact_maps(leave_out, monkeypatch) 
     owners = np.arange(12) if leave_out else None
     exact = grid_to_maps(scorer.excess(scorer.raw_distances(features, owners)[0]), 128)
     searched: list[int] = []
-    nearest = scorer.bank.nearest if owners is None else scorer.bank.nearest_other_image
-    name = "nearest" if owners is None else "nearest_other_image"
-    monkeypatch.setattr(scorer.bank, name, lambda q, *a: searched.append(len(q)) or nearest(q, *a))
+    nearest = scorer.bank.nearest
+    monkeypatch.setattr(
+        scorer.bank, "nearest", lambda q, *a: searched.append(len(q)) or nearest(q, *a)
+    )
     got = scorer.anomalies(features, 128, owners)
     np.testing.assert_allclose(got, exact.amax(dim=(1, 2)).double().numpy(), rtol=1e-5)
     assert int(np.argmax(got)) == 2
@@ -219,7 +220,7 @@ def test_patch_index_leaves_each_query_s_own_image_out() -> None:
     assert len(bank) == 120
     queries = vectors[::7] + 0.01  # each is nearest to a patch of its own image
     query_owners = owners[::7]
-    dist, idx = bank.nearest_other_image(queries, query_owners)
+    dist, idx = bank.nearest(queries, query_owners)
     full = ((queries[:, None] - vectors[None]) ** 2).sum(-1)
     full[owners[None, :] == query_owners[:, None]] = np.inf
     np.testing.assert_array_equal(idx, full.argmin(axis=1))
@@ -231,5 +232,5 @@ def test_patch_index_leaves_each_query_s_own_image_out() -> None:
 def test_a_patch_index_of_one_image_falls_back_to_its_own_patches() -> None:
     vectors = np.eye(3, dtype=np.float32)
     bank = PatchIndex(vectors, np.zeros(3), np.zeros((3, 2)), (1, 1))
-    dist, idx = bank.nearest_other_image(vectors[:1], np.zeros(1))
+    dist, idx = bank.nearest(vectors[:1], np.zeros(1))
     assert idx.tolist() == [0] and dist.tolist() == [0.0]
