@@ -768,6 +768,24 @@ def test_ctrl_c_stops_score_with_130_one_line_and_no_output(
     interrupted(run)
 
 
+@pytest.mark.parametrize("command", ["inspect", "score"])
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(
+    model: Path, folders: Path, command: str
+) -> None:
+    args = [str(model)] + ([str(folders / "test"), "-q"] if command == "score" else [])
+    run = subprocess.Popen(
+        [sys.executable, "-m", "msc_detector", command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert run.stdout is not None
+    run.stdout.close()  # as "| head" does once it has its lines: every write now fails
+    _, stderr = run.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert (run.returncode, stderr) == (141, "")
+
+
 class _HalfBuilt:
     """An object whose ``__del__`` reads what ``__init__`` never set, as after Ctrl-C.
 

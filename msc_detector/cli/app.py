@@ -13,6 +13,8 @@ Conventions, shared by every command:
 * Exit status 0 on success, 1 on an error in the input (a missing folder, a damaged
   model file, an unwritable output...), 2 on a wrong option, 130 when interrupted. An
   error prints one line to stderr, ``msc-detector: error: ...``, without a traceback.
+* Output piped to a reader that stops early (``| head``) ends the command quietly with
+  status 141, as it ends the shell's own tools (128 + SIGPIPE).
 * Ctrl-C stops a command with status 130 and the one line ``msc-detector: interrupted``,
   having written no output (see :mod:`~msc_detector.cli.interrupts`).
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import signal
 import sys
 import traceback
 import warnings
@@ -397,6 +401,17 @@ def _console(verbose: int) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _silence_standard_output() -> None:
+    """Point standard output at the null device once its reader is gone.
+
+    Python's final flush of what is left in its buffer would print another error.
+    """
+    with contextlib.suppress(OSError, ValueError):  # not a file descriptor (a capture)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     try:
@@ -417,6 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # before _EXPECTED, which holds OSError
+            _silence_standard_output()
+            return 128 + signal.SIGPIPE
         except _EXPECTED as exc:
             if verbose:
                 traceback.print_exc()
