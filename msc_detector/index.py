@@ -233,7 +233,7 @@ def _new_index(spec: IndexSpec, n: int, dim: int) -> Any:
     try:
         index = faiss.index_factory(dim, string, faiss.METRIC_L2)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1]
+        reason = _faiss_reason(exc)
         raise ValueError(
             f"index={spec.kind!r} gives the Faiss index_factory string {string!r}, which Faiss "
             f"cannot build for {dim}-dimensional embeddings ({reason}). Use {_KINDS_TEXT}."
@@ -247,8 +247,23 @@ def _new_index(spec: IndexSpec, n: int, dim: int) -> Any:
             f"index reads {', '.join(knobs) or 'no search settings'}. Remove it."
         )
     _check_structure(spec, index, settings.get("train_size", n))
+    if not spec.has_plain_form:  # stored as Faiss's bytes, which must be read back
+        try:
+            index_storage.check_structures(faiss.serialize_index(index))
+        except ValueError as exc:
+            raise ValueError(
+                f"index={spec.kind!r} makes a Faiss {type(faiss.downcast_index(index)).__name__}"
+                f", which a model file or a pickle of the detector could not load back: {exc} "
+                f"Use {_KINDS_TEXT} built from {index_storage.STORABLE_TEXT}."
+            ) from exc
     _set_search_defaults(index, settings)
     return index
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """Return the reason in a Faiss error, without the C++ function and file that raised it."""
+    last = str(exc).strip().splitlines()[-1]
+    return last.rsplit(" failed: ", 1)[-1].rsplit("Error: ", 1)[-1]
 
 
 def _check_structure(spec: IndexSpec, index: Any, train_size: int) -> None:
@@ -493,7 +508,16 @@ class KNNIndex:
         index = _new_index(self.spec, total, dim)
         if not index.is_trained:
             train_size = self.spec.resolve(total, dim)["train_size"]
-            index.train(_sample(chunks, train_size, self.seed))
+            sample = _sample(chunks, train_size, self.seed)
+            try:
+                index.train(sample)
+            except RuntimeError as exc:  # a factory string's transform or quantizer
+                reason = _faiss_reason(exc)
+                raise ValueError(
+                    f"Faiss cannot train index={self.spec.kind!r} on {len(sample)} vectors of "
+                    f"width {dim} ({reason}). Give it fewer centroids or output dimensions, "
+                    "or more training images."
+                ) from exc
         _keep_ids(index)
         added = 0
         for chunk in chunks:
@@ -505,7 +529,7 @@ class KNNIndex:
             except RuntimeError as exc:
                 raise ValueError(
                     f"Faiss cannot add vectors to index={self.spec.kind!r} "
-                    f"({str(exc).strip().splitlines()[-1]}). Use {_KINDS_TEXT}."
+                    f"({_faiss_reason(exc)}). Use {_KINDS_TEXT}."
                 ) from exc
             added += len(chunk)
         if added != total:
@@ -803,6 +827,8 @@ class KNNIndex:
         except RuntimeError as exc:
             raise ValueError(f"the Faiss index bytes do not parse ({exc}).") from exc
         found = (knn.faiss_class, int(knn.index.d), knn.ntotal)
+        if found[0] == "IndexRefineFlat" and faiss_class == "IndexRefine":
+            found = (faiss_class, *found[1:])  # how Faiss reads back a Flat refinement
         if found != (faiss_class, dim, ntotal):
             raise ValueError(
                 f"the Faiss index is a {found[0]} of {found[2]} vectors of width {found[1]}; "

@@ -27,10 +27,16 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["STRUCTURES", "Layout", "arrays_of", "build", "check_serialized_sizes"]
+__all__ = ["STORABLE_TEXT", "STRUCTURES", "Layout", "arrays_of", "build"]
+__all__ += ["check_serialized_sizes", "check_structures"]
 
 #: The structures that have a plain-array form.
 STRUCTURES = ("flat", "ivf", "ivfpq", "ivfsq", "hnsw")
+#: What :func:`check_serialized_sizes` walks, in words (for messages).
+STORABLE_TEXT = (
+    "flat, PQ, SQ, IVF (Flat, PQ, SQ) and HNSW (Flat, PQ, SQ) indexes, under PCA, OPQ, "
+    "random-rotation, L2norm or centring transforms and Flat refinements"
+)
 # Scalar quantizer names of factory strings (SQ<name>) -> (Faiss type, trained floats per d).
 _SQ = {
     "4": ("QT_4bit", 2),
@@ -409,11 +415,17 @@ def _build_hnsw(layout: Layout, checked: _Arrays) -> Any:
 
 
 class _Walk:
-    """A cursor over ``faiss.serialize_index`` bytes that refuses what they cannot hold."""
+    """A cursor over ``faiss.serialize_index`` bytes that refuses what they cannot hold.
 
-    def __init__(self, data: memoryview) -> None:
+    With ``structures_only``, counts that disagree are let through (an index not yet
+    trained has no centroids for its ``nlist``); unknown structures and counts beyond
+    the bytes are still refused.
+    """
+
+    def __init__(self, data: memoryview, structures_only: bool = False) -> None:
         self.data = data
         self.pos = 0
+        self.structures_only = structures_only
 
     @property
     def left(self) -> int:
@@ -453,7 +465,7 @@ class _Walk:
         return np.frombuffer(self.data, dtype, count, start)
 
     def require(self, ok: bool, what: str) -> None:
-        if not ok:
+        if not ok and not self.structures_only:
             raise ValueError(
                 f"The Faiss index bytes are inconsistent near byte {self.pos}: {what}."
             )
@@ -473,6 +485,16 @@ def check_serialized_sizes(blob: bytes | np.ndarray) -> None:
     walk = _Walk(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1).data)
     _walk_index(walk, 0)
     walk.require(walk.left == 0, f"{walk.left} bytes follow the index")
+
+
+def check_structures(blob: bytes | np.ndarray) -> None:
+    """Refuse the bytes of an index, trained or not, that hold a structure not walked here.
+
+    An index whose bytes fail this could be fitted but never loaded back from a model
+    file or a pickle; :func:`check_serialized_sizes` would refuse them.
+    """
+    data = np.frombuffer(blob, np.uint8) if isinstance(blob, bytes) else blob
+    _walk_index(_Walk(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1).data, True), 0)
 
 
 def _walk_header(walk: _Walk) -> tuple[int, int]:

@@ -215,7 +215,7 @@ def test_the_training_sample_is_bounded_and_seeded(monkeypatch) -> None:
         ("ivf", {"nlist": True}, r"must be an int in \[1, 16777216\]; got True"),
         ("ivfpq", {"pq_m": 3}, "must divide the embedding width 8"),
         ("HNSW8,Flat", {"nprobe": 2}, "reads efSearch"),
-        ("IDMap,Flat", {}, "cannot add"),
+        ("IDMap,Flat", {}, "IndexIDMap, which a model file or a pickle"),  # before add()
     ],
 )
 def test_bad_specs_say_what_to_change(kind, params, problem) -> None:
@@ -270,6 +270,9 @@ def test_extreme_search_settings_are_refused_with_their_bounds(kind, settings, p
         ("ivfpq", {"nlist": 1, "pq_nbits": 17}, r"'pq_nbits'\] must be an int in \[1, 16\]"),
         ("ivfpq", {"nlist": 1, "pq_nbits": 7}, "needs at least 2\\*\\*pq_nbits = 128 training"),
         ("ivfpq", {"train_size": 2**63}, r"'train_size'\] must be an int in \[1, 1099511627776\]"),
+        ("OPQ2,IVF4,PQ2", {}, r"cannot train index='OPQ2,IVF4,PQ2' on 100 vectors .*\(Number"),
+        ("IVF4,PQ2x4fs", {}, "IndexIVFPQFastScan, which a model file or a pickle of the"),
+        ("LSH", {}, "IndexLSH, which a model file or a pickle of the detector could not"),
     ],
     ids=[
         "M-1",
@@ -283,6 +286,9 @@ def test_extreme_search_settings_are_refused_with_their_bounds(kind, settings, p
         "pq_nbits-17",
         "pq_nbits-above-train_size",
         "train_size-2**63",
+        "factory-too-few-to-train",
+        "factory-fast-scan-not-storable",
+        "factory-lsh-not-storable",
     ],
 )
 def test_extreme_build_settings_are_refused_before_faiss_sees_them(kind, params, problem) -> None:

@@ -151,6 +151,7 @@ def test_search_settings_set_after_fit_are_checked_at_scoring(X):
         ("hnsw", {"nlist": 4}, r"'nlist'\] does not apply to index='hnsw'"),
         ("ivf", {"nlist": 0}, r"must be an int in \[1, 16777216\]"),
         ("ivfpq", {"pq_m": 3}, "must divide the embedding width 1280"),
+        ("NSG8,Flat", None, "could not load back"),  # it would fit, then never load
     ],
 )
 def test_bad_index_options_fail_before_any_embedding(X, index, params, problem, monkeypatch):
@@ -159,7 +160,7 @@ def test_bad_index_options_fail_before_any_embedding(X, index, params, problem, 
     def refuse(*args, **kwargs):
         raise AssertionError("embedded before checking the index")
 
-    monkeypatch.setattr(Embedder, "embed_resized", refuse)
+    monkeypatch.setattr(Embedder, "run", refuse)  # every network call goes through it
     det = MSCDetector(index=index, index_params=params, **FAST)
     with pytest.raises(ValueError, match=problem):
         det.fit(X)

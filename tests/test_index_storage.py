@@ -267,7 +267,10 @@ def test_forged_faiss_bytes_are_refused_before_faiss_reads_them(forgery, monkeyp
 
 @pytest.mark.parametrize(
     "kind",
-    ["ivf", "ivfpq", "hnsw", "IVF8,SQ8", "PCA4,IVF4,Flat", "IVF4,Flat,RFlat", "HNSW8_PQ2x4"],
+    [
+        *("ivf", "ivfpq", "hnsw", "IVF8,SQ8", "PCA4,IVF4,Flat", "IVF4,Flat,RFlat"),
+        *("HNSW8_PQ2x4", "IVF4,Flat,Refine(Flat)", "OPQ2,IVF4,PQ2x4", "L2norm,HNSW8,SQ8"),
+    ],
 )
 def test_faiss_bytes_of_every_buildable_kind_pass_the_size_check(kind) -> None:
     index = fitted(kind) if kind in KINDS else KNNIndex(IndexSpec(kind)).fit(BASE)
