@@ -67,6 +67,10 @@ class ImageSource:
         """Shorter image side, the smallest over the first ``sample`` images (None: unknown)."""
         return None
 
+    def decode_workers(self) -> int:
+        """DataLoader processes worth decoding these images in: none for images in memory."""
+        return 0
+
 
 def _to_uint8(batch: torch.Tensor) -> torch.Tensor:
     """Map a float batch in [0, 1] or a uint8 batch to uint8 without touching the input."""
@@ -175,6 +179,10 @@ class PathSource(ImageSource):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def decode_workers(self) -> int:
+        """Up to 4 processes decoding files, leaving one core to the network."""
+        return min(4, max(0, (os.cpu_count() or 1) - 1))
 
     def min_side(self, sample: int = 16) -> int | None:
         """Smallest shorter side among the first ``sample`` files (headers only)."""
@@ -395,8 +403,10 @@ def auto_image_size(native: int, min_side: int | None) -> int:
     return min(native, max(64, 16 * math.ceil(4 * min_side / 16)))
 
 
-def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """Resize the shorter side to ``size`` and centre-crop to ``size x size``.
+def resize_square(
+    image: torch.Tensor, size: int, interpolation: str = "bilinear", *, squash: bool = False
+) -> torch.Tensor:
+    """Resize to ``size x size``: the whole image (``squash``), or its centre square.
 
     Parameters
     ----------
@@ -408,6 +418,10 @@ def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear
         Resampling. Bilinear and bicubic are antialiased when shrinking;
         ``"nearest"`` copies source pixels (enlarged, each pixel becomes a sharp
         block). Any other name resamples bilinearly.
+    squash : bool, default=False
+        Resize each side to ``size``, changing the aspect ratio of a non-square image
+        but keeping all of it. Otherwise the shorter side is resized to ``size`` and
+        the centre square kept: the ends of the longer side are cut off.
 
     Returns
     -------
@@ -420,6 +434,8 @@ def resize_square(image: torch.Tensor, size: int, interpolation: str = "bilinear
     if (h, w) != (size, size):
         scale = size / min(h, w)
         new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        if squash:
+            new_h = new_w = size
         if interpolation == "nearest":
             x = F.interpolate(x.float(), size=(new_h, new_w), mode="nearest-exact")
         else:
@@ -456,6 +472,8 @@ class BatchedImages(torch.utils.data.Dataset):
     with_sizes : bool, default=False
         Add to each item an ``int64`` ``(b, 2)`` tensor of the images' own heights and
         widths (for placing anomaly maps back on them).
+    squash : bool, default=False
+        Squash non-square images whole into the square (see :func:`resize_square`).
     """
 
     def __init__(
@@ -467,9 +485,11 @@ class BatchedImages(torch.utils.data.Dataset):
         order: Sequence[int] | np.ndarray | None = None,
         drop_last: bool = False,
         with_sizes: bool = False,
+        squash: bool = False,
     ) -> None:
         self.source = source
         self.size = size
+        self.squash = squash
         self.batch_size = batch_size
         self.interpolations = tuple(interpolations)
         self.with_sizes = with_sizes
@@ -484,12 +504,15 @@ class BatchedImages(torch.utils.data.Dataset):
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         images = self.source.load(idx.tolist())
         sizes = (torch.tensor([im.shape[-2:] for im in images], dtype=torch.int64),)
+        size, squash = self.size, self.squash
         if all(im.shape == images[0].shape for im in images):
             stacked = torch.stack(images)
-            views = tuple(resize_square(stacked, self.size, how) for how in self.interpolations)
+            views = tuple(
+                resize_square(stacked, size, how, squash=squash) for how in self.interpolations
+            )
         else:
             views = tuple(
-                torch.stack([resize_square(im, self.size, how) for im in images])
+                torch.stack([resize_square(im, size, how, squash=squash) for im in images])
                 for how in self.interpolations
             )
         return views + sizes if self.with_sizes else views
@@ -541,6 +564,8 @@ class ResizedViews:
         DataLoader worker processes.
     with_sizes : bool, default=False
         End each batch with the images' own ``(height, width)`` (see :class:`BatchedImages`).
+    squash : bool, default=False
+        Squash non-square images whole into the square (see :func:`resize_square`).
     """
 
     def __init__(
@@ -550,12 +575,14 @@ class ResizedViews:
         interpolations: Sequence[str],
         num_workers: int = 0,
         with_sizes: bool = False,
+        squash: bool = False,
     ) -> None:
         self.source = source
         self.size = size
         self.interpolations = tuple(interpolations)
         self.num_workers = num_workers
         self.with_sizes = with_sizes
+        self.squash = squash
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield, per batch of images in order, one ``uint8`` tensor per view.
@@ -563,7 +590,12 @@ class ResizedViews:
         Each tensor is ``(b, 3, size, size)``; they hold the same images.
         """
         dataset = BatchedImages(
-            self.source, self.size, batch_size, self.interpolations, with_sizes=self.with_sizes
+            self.source,
+            self.size,
+            batch_size,
+            self.interpolations,
+            with_sizes=self.with_sizes,
+            squash=self.squash,
         )
         yield from _load_batches(dataset, self.num_workers)
 
@@ -585,6 +617,8 @@ class ResizedImages:
         Largest in-memory cache; ``0`` never caches.
     num_workers : int
         DataLoader worker processes for uncached sources.
+    squash : bool, default=False
+        Squash non-square images whole into the square (see :func:`resize_square`).
     """
 
     def __init__(
@@ -594,11 +628,13 @@ class ResizedImages:
         interpolation: str,
         cache_bytes: int,
         num_workers: int = 0,
+        squash: bool = False,
     ) -> None:
         self.source = source
         self.size = size
         self.interpolation = interpolation
         self.num_workers = num_workers
+        self.squash = squash
         self.cache: torch.Tensor | None = None
         if len(source) * 3 * size * size <= cache_bytes:
             self.cache = torch.cat(list(self._decode(None, 256, False)))
@@ -610,7 +646,13 @@ class ResizedImages:
         self, order: Sequence[int] | np.ndarray | None, batch_size: int, drop_last: bool
     ) -> Iterator[torch.Tensor]:
         dataset = BatchedImages(
-            self.source, self.size, batch_size, (self.interpolation,), order, drop_last
+            self.source,
+            self.size,
+            batch_size,
+            (self.interpolation,),
+            order,
+            drop_last,
+            squash=self.squash,
         )
         for (batch,) in _load_batches(dataset, self.num_workers):
             yield batch

@@ -127,6 +127,9 @@ class Embedder:
         that an image and its mirror get the same embedding.
     runtime : Runtime
         Device and precision of the networks.
+    crop_mode : {"squash", "center"}, default="center"
+        How a non-square image becomes square before the centre crop: resized whole
+        (``"squash"``), or its centre square kept (see :func:`msc_detector.data.resize_square`).
     """
 
     def __init__(
@@ -137,11 +140,13 @@ class Embedder:
         crop_pct: float,
         flip_average: bool,
         runtime: Runtime,
+        crop_mode: str = "center",
     ) -> None:
         self.views = tuple(views)
         self.spec = spec
         self.image_size = int(image_size)
         self.crop_pct = float(crop_pct)
+        self.crop_mode = str(crop_mode)
         self.flip_average = bool(flip_average)
         self.runtime = runtime
         self._folded: dict[int, tuple[nn.Module, nn.Module]] = {}
@@ -156,6 +161,11 @@ class Embedder:
     def load_size(self) -> int:
         """Side to which images are resized before the centre crop."""
         return load_size(self.image_size, self.crop_pct)
+
+    @property
+    def squash(self) -> bool:
+        """Whether non-square images are resized whole, not cut to their centre square."""
+        return self.crop_mode == "squash"
 
     def compute_network(self, network: nn.Module) -> nn.Module:
         """Return the module that computes for ``network``: its BatchNorm-folded view.
@@ -238,7 +248,9 @@ class Embedder:
             embeddings where ``stages`` are given (from view 0's call), and their sizes.
         """
         interpolations = [view.interpolation for view in self.views]
-        resized = ResizedViews(source, self.load_size, interpolations, num_workers, True)
+        resized = ResizedViews(
+            source, self.load_size, interpolations, num_workers, True, squash=self.squash
+        )
         for *group, sizes in resized.batches(batch_size):
             first, patches = self.run(0, group[0], stages)
             rest = [self.run(view, batch)[0] for view, batch in enumerate(group[1:], start=1)]
@@ -269,7 +281,9 @@ class Embedder:
         """
         chosen = list(range(len(self.views))) if views is None else list(views)
         interpolations = [self.views[i].interpolation for i in chosen]
-        resized = ResizedViews(source, self.load_size, interpolations, num_workers)
+        resized = ResizedViews(
+            source, self.load_size, interpolations, num_workers, squash=self.squash
+        )
         for group in resized.batches(batch_size):  # each image decoded once for all views
             parts = [
                 next(self.embed_resized(view, [batch]))

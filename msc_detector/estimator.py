@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from msc_detector import persistence
 from msc_detector.backbones import PreprocessConfig
-from msc_detector.data import ImageSource, PathSource, as_image_source
+from msc_detector.data import ImageSource, as_image_source
 from msc_detector.fitting import FitSettings, fit_model
 from msc_detector.index import IndexSpec
 from msc_detector.losses import LOSSES
@@ -91,6 +91,9 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
     crop_pct : float in (0, 1] or None, default=1.0
         Share of the resized image kept by the evaluation centre crop (``1.0``: all of
         it, so no border defect is cropped away; ``None``: the backbone's own).
+    crop_mode : {"squash", "center"}, default="squash"
+        How a non-square image becomes square: resized whole (its aspect ratio changes,
+        none of it is lost), or cut to its centre square (its ends are never seen).
     min_crop_area : float in (0, 1], default=0.2
         Smallest share of an image kept by the training views' random crops.
     contamination : float in (0, 0.5], default=0.1
@@ -156,8 +159,8 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
     backbone_, pretrained_backbone_, backbone_spec_ : object
         The fine-tuned network, the pretrained one of the nearest view (or ``None``)
         and their architecture and preprocessing.
-    device_, precision_, image_size_, crop_pct_, flip_average_, nearest_view_ : object
-        As ``fit`` resolved them.
+    device_, precision_, image_size_, crop_pct_, crop_mode_ : object
+        As ``fit`` resolved them; also ``flip_average_`` and ``nearest_view_``.
 
     Examples
     --------
@@ -188,6 +191,7 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         "nearest_view": ["boolean", StrOptions({"auto"})],
         "image_size": [Interval(Integral, 16, 4096, closed="both"), StrOptions({"auto"}), None],
         "crop_pct": [Interval(Real, 0, 1, closed="right"), None],
+        "crop_mode": [StrOptions({"squash", "center"})],
         "min_crop_area": [Interval(Real, 0, 1, closed="right")],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "device": [str, torch.device],
@@ -221,6 +225,7 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         nearest_view: bool | str = "auto",
         image_size: int | str | None = None,
         crop_pct: float | None = 1.0,
+        crop_mode: str = "squash",
         min_crop_area: float = 0.2,
         contamination: float = 0.1,
         device: str | torch.device = "auto",
@@ -250,6 +255,7 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         self.nearest_view = nearest_view
         self.image_size = image_size
         self.crop_pct = crop_pct
+        self.crop_mode = crop_mode
         self.min_crop_area = min_crop_area
         self.contamination = contamination
         self.device = device
@@ -285,8 +291,7 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         if len(source) < self.n_neighbors + 1:
             raise ValueError(
                 f"fit needs at least n_neighbors + 1 = {self.n_neighbors + 1} images (a training "
-                f"image is not its own neighbour); got {len(source)}. Pass more images or lower "
-                "n_neighbors."
+                f"image is not its own neighbour); got {len(source)}. Add images or lower it."
             )
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         hook = self._snapshot if self.epoch_callback is not None else None
@@ -317,9 +322,7 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         self.epoch_callback(epoch, snapshot)  # type: ignore[misc]
 
     def _workers(self, source: ImageSource) -> int:
-        if self.num_workers is not None:
-            return int(self.num_workers)
-        return min(4, max(0, (os.cpu_count() or 1) - 1)) if isinstance(source, PathSource) else 0
+        return source.decode_workers() if self.num_workers is None else int(self.num_workers)
 
     def _k(self, n_neighbors: Any, leave_self_out: bool = False) -> int:
         """Validate a neighbour count against the index (it may be set after ``fit``)."""
@@ -484,9 +487,8 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         if self.model_.patches is None:
             raise ValueError(
-                "anomaly_map needs a patch bank, and this detector has none (fitted with "
-                "patch_memory=None, or loaded from a file without one). Set patch_memory "
-                "('auto' or a number of patches) and fit again."
+                "anomaly_map needs a patch bank; this detector has none (patch_memory=None). Set "
+                "patch_memory ('auto' or a number of patches) and fit again."
             )
         found = self.explain(X, maps=True)
         maps = found.maps()

@@ -93,6 +93,7 @@ class FitSettings:
     nearest_view: bool | str
     image_size: int | str | None
     crop_pct: float | None
+    crop_mode: str
     device: Any
     precision: str
     num_workers: int
@@ -166,7 +167,7 @@ def fit_model(
         # The sharp view goes through the network as it is now, before fine-tuning.
         views.append(View("nearest", _frozen_copy(network) if settings.trains else network))
     flip = small if settings.flip_average == "auto" else bool(settings.flip_average)
-    embedder = Embedder(views, spec, size, float(crop_pct), flip, runtime)
+    embedder = Embedder(views, spec, size, float(crop_pct), flip, runtime, settings.crop_mode)
     settings.index.check(len(source), embedder.dim)  # before any work
     images = ResizedImages(
         source,
@@ -174,6 +175,7 @@ def fit_model(
         spec.preprocess.interpolation,
         cache_bytes=_CACHE_BYTES,
         num_workers=settings.num_workers,
+        squash=embedder.squash,
     )
     stages = _patch_stages(settings, network, size)
     gpu = runtime.device.type == "cuda"

@@ -311,9 +311,8 @@ class FittedModel:
         """Return an image's anomaly map at the image's own size (NaN where unseen)."""
         height, width = source.size
         network_map = grid_to_maps(source.excess[None], self.embedder.image_size)[0]
-        return map_to_image(
-            network_map, height, width, self.embedder.load_size, self.embedder.image_size
-        )
+        emb = self.embedder
+        return map_to_image(network_map, height, width, emb.load_size, emb.image_size, emb.squash)
 
     def map_peak(self, source: MapSource, image_map: np.ndarray) -> dict[str, Any]:
         """Where an image's map peaks and which normal patch is nearest there.
@@ -328,8 +327,9 @@ class FittedModel:
         bank, size, load = self.patches.bank, self.embedder.image_size, self.embedder.load_size
         height, width = source.size
         y, x = np.unravel_index(int(np.nanargmax(image_map)), image_map.shape)
-        ny = float(network_positions(height, width, load, size)[y])
-        nx = float(network_positions(width, height, load, size)[x])
+        squash = self.embedder.squash
+        ny = float(network_positions(height, width, load, size, squash)[y])
+        nx = float(network_positions(width, height, load, size, squash)[x])
         h, w = bank.grid
         row = min(h - 1, max(0, int(ny / size * h)))
         col = min(w - 1, max(0, int(nx / size * w)))
@@ -366,6 +366,7 @@ class FittedModel:
         scalars: dict[str, Any] = {
             "image_size_": emb.image_size,
             "crop_pct_": emb.crop_pct,
+            "crop_mode_": emb.crop_mode,
             "flip_average_": emb.flip_average,
             "nearest_view_": len(emb.views) > 1,
             "n_train_": self.n_train,
@@ -418,6 +419,7 @@ class FittedModel:
             scalars["crop_pct_"],
             scalars["flip_average_"],
             runtime,
+            scalars["crop_mode_"],
         )
         patches = None
         if scalars["patch_stages_"]:
@@ -621,6 +623,11 @@ class FittedViews:
     def image_size_(self) -> int:
         """Network input side."""
         return self._fitted_model().embedder.image_size
+
+    @property
+    def crop_mode_(self) -> str:
+        """How ``fit`` made non-square images square (``"squash"`` or ``"center"``)."""
+        return self._fitted_model().embedder.crop_mode
 
     @property
     def crop_pct_(self) -> float:

@@ -270,23 +270,31 @@ def map_reach(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
     return first.astype(np.int64), last.astype(np.int64)
 
 
-def network_positions(n: int, other: int, load_size: int, size: int) -> torch.Tensor:
+def network_positions(
+    n: int, other: int, load_size: int, size: int, squash: bool = False
+) -> torch.Tensor:
     """Positions, in network-input pixels, of the centres of an image side's ``n`` pixels.
 
     The image (this side ``n`` pixels, the other ``other``) was resized so that its
-    shorter side is ``load_size``, centre-cropped to a square, then centre-cropped to
-    ``size`` (see :func:`msc_detector.data.resize_square` and
+    shorter side is ``load_size`` and centre-cropped to a square (with ``squash``: both
+    sides resized to ``load_size``), then centre-cropped to ``size`` (see
+    :func:`msc_detector.data.resize_square` and
     :func:`msc_detector.augment.center_crop_normalize`). Positions outside
     ``[0, size]`` were never seen by the network.
     """
     scale = load_size / min(n, other)
-    resized = max(load_size, round(n * scale))
+    resized = load_size if squash else max(load_size, round(n * scale))
     start = (resized - load_size) // 2 + (load_size - size) // 2  # first input pixel
     return (torch.arange(n, dtype=torch.float64) + 0.5) * (resized / n) - start
 
 
 def map_to_image(
-    network_map: torch.Tensor, height: int, width: int, load_size: int, size: int
+    network_map: torch.Tensor,
+    height: int,
+    width: int,
+    load_size: int,
+    size: int,
+    squash: bool = False,
 ) -> np.ndarray:
     """Place a map over the network's input back on the image it came from.
 
@@ -300,13 +308,15 @@ def map_to_image(
         The image's own size.
     load_size, size : int
         The resize side and the network's input side.
+    squash : bool, default=False
+        Whether the image was resized whole to the square (see :func:`network_positions`).
 
     Returns
     -------
     ndarray of shape (height, width), float32
     """
-    gy = network_positions(height, width, load_size, size) / size * 2 - 1
-    gx = network_positions(width, height, load_size, size) / size * 2 - 1
+    gy = network_positions(height, width, load_size, size, squash) / size * 2 - 1
+    gx = network_positions(width, height, load_size, size, squash) / size * 2 - 1
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).float()
     out = F.grid_sample(
         network_map.float()[None, None].cpu(),

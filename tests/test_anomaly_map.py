@@ -127,20 +127,44 @@ def test_every_input_form_gives_the_same_maps(fitted, tmp_path: Path) -> None:
 
 
 def test_images_of_different_sizes_get_maps_of_their_own_sizes(fitted) -> None:
-    det, _ = fitted
+    det, images = fitted
     rng = np.random.default_rng(1)
     mixed = [
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         for h, w in [(32, 32), (20, 48), (64, 40)]
     ]
-    maps = det.anomaly_map(mixed)
-    assert isinstance(maps, list)
-    assert [m.shape for m in maps] == [(32, 32), (20, 48), (64, 40)]
-    assert all(m.dtype == np.float32 for m in maps)
-    assert not np.isnan(maps[0]).any()
+    center = MSCDetector(**{**det.get_params(), "crop_mode": "center"}).fit(images)
+    for detector in (det, center):
+        maps = detector.anomaly_map(mixed)
+        assert isinstance(maps, list)
+        assert [m.shape for m in maps] == [(32, 32), (20, 48), (64, 40)]
+        assert all(m.dtype == np.float32 for m in maps)
+        assert not np.isnan(maps[0]).any()
+    # Squashed (the default), every pixel of a non-square image is seen.
+    assert not any(np.isnan(m).any() for m in det.anomaly_map(mixed))
     # The network sees the centre square of a non-square image; the rest is NaN.
     assert np.isnan(maps[1][:, :10]).all() and not np.isnan(maps[1][:, 16:32]).any()
     assert np.isnan(maps[2][:10]).all() and not np.isnan(maps[2][16:48]).any()
+
+
+def test_a_defect_at_the_end_of_a_wide_image_is_seen_only_when_squashed(fitted) -> None:
+    det, _ = fitted
+    strips = textures(14, 96, seed=4)[:, :32]  # 32 x 96 surfaces: 12 to fit, 2 to score
+    params = {**det.get_params(), "patch_memory": 400, "image_score": "patch"}
+    squash, center = (
+        MSCDetector(**{**params, "crop_mode": mode}).fit(strips[:12])
+        for mode in ("squash", "center")
+    )
+    clean = strips[12:]
+    marked = clean.copy()
+    marked[:, 12:20, 84:92] = 255  # near the right end, outside the centre square
+    scores = squash.score_samples(np.concatenate([clean, marked]))
+    assert (scores[2:] < scores[:2]).all()
+    scores = center.score_samples(np.concatenate([clean, marked]))
+    np.testing.assert_array_equal(scores[2:], scores[:2])  # never seen
+    maps = squash.anomaly_map(marked)
+    assert maps.shape == (2, 32, 96) and not np.isnan(maps).any()
+    assert all(np.unravel_index(m.argmax(), m.shape)[1] >= 64 for m in maps)
 
 
 def test_the_patch_bank_holds_at_most_patch_memory_patches(fitted, keep_all) -> None:

@@ -218,3 +218,22 @@ def test_score_rules_reuses_cached_arrays_only_from_the_same_library(
     monkeypatch.setattr(score_rules, "library_digest", lambda: "another version")
     score_rules.components("lfw", tiny)
     assert len(fits) == 2  # a changed library fits again
+
+
+def test_crop_modes_draws_defects_on_one_third_and_measures_a_tiny_detector() -> None:
+    from benchmarks import crop_modes
+
+    train, test, third = crop_modes.strips("brick")
+    assert train.shape == (150, 64, 192) and test.shape == (120, 64, 192, 3)
+    assert (third == -1).sum() == 60 and all((third == t).sum() == 20 for t in range(3))
+    tile = crop_modes.TILE
+    for i in np.flatnonzero(third >= 0):
+        for other in set(range(3)) - {int(third[i])}:  # untouched, still grey
+            part = test[i, :, other * tile : (other + 1) * tile].astype(int)
+            assert (part == part[..., :1]).all()
+    tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 16, "patch_memory": 20}
+    found = crop_modes.measure(train[:8], test[:4], "center", 0, **tiny)
+    assert found["scores"].shape == (4,) and found["fit_s"] > 0
+    row = {"set": "strips:brick", "crop_mode": "center", "roc_auc": 50.0, "fit_s": 1.0}
+    table = crop_modes.render({"command": "cmd", "rows": [{**row, "score_s": 1.0}]})
+    assert "| strips:brick | center | 50.00 |" in table and "**strips mean**" in table

@@ -166,6 +166,21 @@ def test_resize_square_keeps_the_centre_and_size() -> None:
     assert torch.equal(resize_square(same, 10), same)
 
 
+def test_squashing_keeps_the_whole_image_and_both_ends() -> None:
+    wide = torch.zeros(3, 20, 40, dtype=torch.uint8)
+    wide[:, :, :8], wide[:, :, -8:] = 100, 250  # the two ends, which a centre crop drops
+    out = resize_square(wide, 10, "bilinear", squash=True)
+    assert out.shape == (3, 10, 10) and out.dtype == torch.uint8
+    assert int(out[:, :, 0].min()) > 80 and int(out[:, :, -1].min()) > 200
+    assert bool((out[:, :, 3:7] == 0).all())  # the middle, squeezed twice as much
+    assert int(resize_square(wide, 10, "bilinear").max()) == 0
+    squares = torch.randint(0, 255, (2, 3, 20, 20), dtype=torch.uint8)
+    assert torch.equal(resize_square(squares, 10, squash=True), resize_square(squares, 10))
+    source = as_image_source(wide.permute(1, 2, 0).numpy()[None])
+    (batch,) = next(ResizedViews(source, 10, ["bilinear"], squash=True).batches(1))
+    assert torch.equal(batch[0], out)
+
+
 def test_nearest_resize_turns_each_pixel_into_a_block() -> None:
     image = torch.randint(0, 256, (2, 3, 7, 7), dtype=torch.uint8)
     out = resize_square(image, 21, "nearest")

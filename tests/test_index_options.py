@@ -65,7 +65,7 @@ def test_an_approximate_index_fits_scores_pickles_saves_and_loads(kind, X, flat,
     else:
         assert stored == {"index_faiss"}
     info = persistence.inspect(tmp_path / "m.msc")
-    assert info["format_version"] == 5 and info["index"]["faiss_class"] == faiss_class
+    assert info["format_version"] == 6 and info["index"]["faiss_class"] == faiss_class
     if kind == "hnsw":  # inspect reads the arrays' description without Faiss
         code = (
             "import sys, msc_detector; msc_detector.inspect(sys.argv[1]); "
@@ -179,8 +179,9 @@ def test_a_flat_model_file_keeps_vectors_and_format_2_files_still_load(flat, X, 
     del metadata["index"]
     for name in ("index", "index_params", "patch_memory", "patch_stages", "image_score"):
         del metadata["params"][name]
-    for name in ("patch_stages_", "image_score_", "score_scales_"):
+    for name in ("patch_stages_", "image_score_", "score_scales_", "crop_mode_"):
         del metadata["fitted"][name]
+    del metadata["params"]["crop_mode"]
     old_arrays = {k: v for k, v in arrays.items() if not k.startswith("patch_")}
     changed = {
         "metadata.json": json.dumps(metadata).encode(),

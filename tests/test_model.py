@@ -208,6 +208,7 @@ def test_a_format_3_file_loads_with_its_old_combined_score(
     members = persistence.encode(det)
     metadata = json.loads(members["metadata.json"])
     del metadata["fitted"]["score_locations_"]  # format 3: an uncentred sum
+    del metadata["fitted"]["crop_mode_"], metadata["params"]["crop_mode"]
     members["metadata.json"] = json.dumps(metadata).encode()
     write_model(tmp_path / "old.msc", members, 3)
     old = MSCDetector.load(tmp_path / "old.msc")
@@ -216,6 +217,24 @@ def test_a_format_3_file_loads_with_its_old_combined_score(
     np.testing.assert_allclose(
         old.score_samples(before["test"]), det.score_samples(before["test"]) - shift, rtol=1e-9
     )
+
+
+def test_a_format_5_file_loads_with_the_centre_crop_it_was_fitted_with(
+    fitted_before, tmp_path
+) -> None:
+    det = fitted_before["combined"]
+    members = persistence.encode(det)
+    metadata = json.loads(members["metadata.json"])
+    del metadata["fitted"]["crop_mode_"], metadata["params"]["crop_mode"]  # before format 6
+    members["metadata.json"] = json.dumps(metadata).encode()
+    write_model(tmp_path / "v5.msc", members, 5)
+    old = MSCDetector.load(tmp_path / "v5.msc")
+    assert (old.crop_mode_, old.crop_mode, det.crop_mode_) == ("center", "center", "squash")
+    wide = np.random.default_rng(0).integers(0, 256, (2, 64, 160, 3), dtype=np.uint8)
+    center = pickle.loads(pickle.dumps(det))
+    center.model_.embedder.crop_mode = "center"
+    np.testing.assert_array_equal(old.score_samples(wide), center.score_samples(wide))
+    assert not np.array_equal(old.score_samples(wide), det.score_samples(wide))
 
 
 def test_parameters_changed_after_fit_do_not_break_saving(fitted_before, before, tmp_path) -> None:
@@ -236,7 +255,8 @@ def test_an_image_the_network_never_sees_gets_a_nan_peak_and_no_neighbour(images
     """A 1x200 image with crop_pct < 1: its centred square is cropped away entirely."""
     det = MSCDetector(
         weights=None, image_size=32, epochs=0, batch_size=8, crop_pct=0.95, patch_memory=50
-    ).fit(images)
+    )
+    det.set_params(crop_mode="center").fit(images)  # squashed, it would be seen
     from PIL import Image
 
     thin = [Image.fromarray(a) for a in (np.full((1, 200, 3), 128, np.uint8), images[0])]

@@ -291,7 +291,7 @@ def test_inspect_verifies_without_importing_torch(model) -> None:
     result = json.loads(out)
     assert result["heavy"] == []
     assert result["info"]["fitted"]["n_train_"] == 24
-    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 5
+    assert result["info"]["format_version"] == persistence.FORMAT_VERSION == 6
 
 
 def test_inspect_returns_the_metadata(model) -> None:

@@ -12,9 +12,9 @@ __all__ += ["UPGRADES", "ModelFileError"]
 
 FORMAT_NAME = "msc-detector-model"
 #: The model-file format this code writes, and the newest it reads.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 #: Every format version this code reads.
-READABLE_VERSIONS = (2, 3, 4, 5)
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 MANIFEST, METADATA = "manifest.json", "metadata.json"
 ARRAYS, NETWORKS = "arrays.safetensors", "networks.safetensors"
 MEMBERS = (MANIFEST, METADATA, ARRAYS, NETWORKS)
@@ -97,6 +97,7 @@ FITTED: dict[str, Field] = {
     "offset_": Field(_FINITE, "a finite number"),
     "image_size_": Field(_is(int, test=lambda v: 16 <= v <= 4096), "an int in [16, 4096]"),
     "crop_pct_": Field(_is(*_NUMBER, test=lambda v: 0 < v <= 1), "a number in (0, 1]"),
+    "crop_mode_": _one_of("squash", "center"),
     "flip_average_": _BOOLEAN,
     "nearest_view_": _BOOLEAN,
     "n_train_": Field(_POSITIVE, "a positive integer"),
@@ -120,6 +121,7 @@ UPGRADES: dict[int, dict[str, dict[str, Any]]] = {
         "params": {"patch_memory": None},
     },
     3: {"fitted": {"score_locations_": [0.0, 0.0]}},  # "combined" was not centred
+    5: {"fitted": {"crop_mode_": "center"}, "params": {"crop_mode": "center"}},
 }
 #: The arrays of ``arrays.safetensors``: name -> dtype and shape. The sizes: ``n`` training
 #: images of ``f`` features, an index of width ``d`` (``f``, or ``2f`` with the nearest
