@@ -290,8 +290,8 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
         settings = FitSettings.from_params(params, index=index, num_workers=workers)
         if len(source) < self.n_neighbors + 1:
             raise ValueError(
-                f"fit needs at least n_neighbors + 1 = {self.n_neighbors + 1} images (a training "
-                f"image is not its own neighbour); got {len(source)}. Add images or lower it."
+                f"fit needs at least n_neighbors + 1 = {self.n_neighbors + 1} images (no image "
+                f"is its own neighbour); got {len(source)}. Add images or lower n_neighbors."
             )
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         hook = self._snapshot if self.epoch_callback is not None else None
@@ -537,9 +537,9 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         saved = state.pop("_model", None)
+        if saved is not None:  # first: it adds parameters that a newer version has
+            self.model_, self.offset_ = persistence.from_pickle_state(saved, state)
         self.__dict__.update(state)
-        if saved is not None:
-            self.model_, self.offset_ = persistence.from_pickle_state(saved)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the fitted detector to a model file that loads without running code.

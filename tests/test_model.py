@@ -237,6 +237,21 @@ def test_a_format_5_file_loads_with_the_centre_crop_it_was_fitted_with(
     assert not np.array_equal(old.score_samples(wide), det.score_samples(wide))
 
 
+def test_a_pickle_from_before_format_6_loads_with_the_centre_crop(fitted_before) -> None:
+    det = fitted_before["combined"]
+    state = det.__getstate__()
+    saved = state["_model"]
+    metadata = json.loads(saved["members"]["metadata.json"])
+    del metadata["fitted"]["crop_mode_"], metadata["params"]["crop_mode"]
+    saved["members"]["metadata.json"] = json.dumps(metadata).encode()
+    del saved["format_version"], state["crop_mode"]  # pickles of format 5 had neither
+    old = MSCDetector.__new__(MSCDetector)
+    old.__setstate__(state)
+    assert old.crop_mode_ == "center" and det.crop_mode_ == "squash"
+    assert old.get_params()["crop_mode"] == "center"
+    assert old.get_params()["patch_memory"] == det.patch_memory
+
+
 def test_parameters_changed_after_fit_do_not_break_saving(fitted_before, before, tmp_path) -> None:
     det = pickle.loads(pickle.dumps(fitted_before["combined"]))
     for params in ({"patch_memory": None}, {"patch_memory": 10}, {"patch_stages": (0, 1)}):

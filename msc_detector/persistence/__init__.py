@@ -88,16 +88,24 @@ def to_pickle_state(detector: Any) -> dict[str, Any]:
     Its members; for a module backbone, the members without networks and the networks
     themselves (on the CPU).
     """
-    model = detector.model_
+    model, version = detector.model_, {"format_version": FORMAT_VERSION}
     if not model.embedder.spec.is_module:
-        return {"members": encode(detector)}
+        return {"members": encode(detector), **version}
     networks = tuple(_on_cpu(network) for network in model.networks())
-    return {"members": encode(detector, networks=False), "networks": networks}
+    return {"members": encode(detector, networks=False), "networks": networks, **version}
 
 
-def from_pickle_state(state: dict[str, Any]) -> tuple[Any, float]:
-    """Return the model and ``offset_`` of :func:`to_pickle_state`, landed as ``load`` lands."""
-    saved = decode(state["members"], "pickle", networks=state.get("networks"))
+def from_pickle_state(state: dict[str, Any], attributes: dict[str, Any]) -> tuple[Any, float]:
+    """Return the model and ``offset_`` of :func:`to_pickle_state`, landed as ``load`` lands.
+
+    A pickle without a format version was written in format 5. Parameters missing from
+    the estimator's pickled ``attributes`` (added since) are set there as the members
+    hold them.
+    """
+    version = state.get("format_version", 5)
+    saved = decode(state["members"], "pickle", networks=state.get("networks"), version=version)
+    for name, value in saved.params.items():
+        attributes.setdefault(name, value)
     precision = saved.params.get("precision") or "auto"
     return saved.model("auto", str(precision)), float(saved.fitted["offset_"])
 

@@ -121,7 +121,7 @@ UPGRADES: dict[int, dict[str, dict[str, Any]]] = {
         "params": {"patch_memory": None},
     },
     3: {"fitted": {"score_locations_": [0.0, 0.0]}},  # "combined" was not centred
-    5: {"fitted": {"crop_mode_": "center"}, "params": {"crop_mode": "center"}},
+    5: {"fitted": {"crop_mode_": "center"}, "params": {"crop_mode": "center"}},  # centre crop
 }
 #: The arrays of ``arrays.safetensors``: name -> dtype and shape. The sizes: ``n`` training
 #: images of ``f`` features, an index of width ``d`` (``f``, or ``2f`` with the nearest
