@@ -142,7 +142,8 @@ def test_images_of_different_sizes_get_maps_of_their_own_sizes(fitted) -> None:
         assert not np.isnan(maps[0]).any()
     # Squashed (the default), every pixel of a non-square image is seen.
     assert not any(np.isnan(m).any() for m in det.anomaly_map(mixed))
-    # The network sees the centre square of a non-square image; the rest is NaN.
+    # Cut to its centre square, a non-square image is seen there only; the rest is NaN.
+    maps = center.anomaly_map(mixed)
     assert np.isnan(maps[1][:, :10]).all() and not np.isnan(maps[1][:, 16:32]).any()
     assert np.isnan(maps[2][:10]).all() and not np.isnan(maps[2][16:48]).any()
 

@@ -268,10 +268,8 @@ def test_parameters_changed_after_fit_do_not_break_saving(fitted_before, before,
 
 def test_an_image_the_network_never_sees_gets_a_nan_peak_and_no_neighbour(images) -> None:
     """A 1x200 image with crop_pct < 1: its centred square is cropped away entirely."""
-    det = MSCDetector(
-        weights=None, image_size=32, epochs=0, batch_size=8, crop_pct=0.95, patch_memory=50
-    )
-    det.set_params(crop_mode="center").fit(images)  # squashed, it would be seen
+    tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 8, "patch_memory": 50}
+    det = MSCDetector(**tiny, crop_pct=0.95, crop_mode="center").fit(images)  # squashed: seen
     from PIL import Image
 
     thin = [Image.fromarray(a) for a in (np.full((1, 200, 3), 128, np.uint8), images[0])]
