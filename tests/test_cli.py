@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msc_detector import MSCDetector
+from msc_detector import MSCDetector, persistence
 from msc_detector import files as scoring
 from msc_detector.cli import interrupts, main
 from msc_detector.cli.app import build_parser
@@ -182,6 +182,15 @@ def test_scores_match_the_estimator(model: Path, folders: Path, tmp_path: Path) 
         ]
         assert [float(row[f"neighbor_{j}_distance"]) for j in (1, 2, 3)] == pytest.approx(dist)
         assert row["error"] == ""
+
+
+def test_fit_takes_the_crop_mode(folders: Path, tmp_path: Path) -> None:
+    out = tmp_path / "center.msc"
+    args = ["fit", str(folders / "train"), "-o", str(out), *FAST, "-q"]
+    assert main([*args, "--crop-mode", "center"]) == 0
+    info = persistence.inspect(out)
+    assert info["fitted"]["crop_mode_"] == info["params"]["crop_mode"] == "center"
+    assert main([*args, "--crop-mode", "middle"]) == 2
 
 
 def test_score_writes_jsonl_and_csv_alike(model: Path, folders: Path, tmp_path: Path) -> None:

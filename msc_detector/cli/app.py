@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the backbone's own, 224 for EfficientNet-Lite0)",
     )
     fit.add_argument(
+        "--crop-mode",
+        choices=("squash", "center"),
+        default="squash",
+        help="how a non-square image becomes square: squash (default: resized whole, none of "
+        "it lost) or center (cut to its centre square, aspect kept)",
+    )
+    fit.add_argument(
         "--batch-size",
         type=_integer(2),
         default=64,

@@ -74,6 +74,7 @@ def fit(args: argparse.Namespace) -> int:
         lr=args.lr,
         n_neighbors=args.n_neighbors,
         image_size=args.image_size,
+        crop_mode=args.crop_mode,
         contamination=args.contamination,
         device=args.device,
         precision=args.precision,
