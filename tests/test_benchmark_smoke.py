@@ -237,3 +237,18 @@ def test_crop_modes_draws_defects_on_one_third_and_measures_a_tiny_detector() ->
     row = {"set": "strips:brick", "crop_mode": "center", "roc_auc": 50.0, "fit_s": 1.0}
     table = crop_modes.render({"command": "cmd", "rows": [{**row, "score_s": 1.0}]})
     assert "| strips:brick | center | 50.00 |" in table and "**strips mean**" in table
+
+
+def test_large_photos_scores_in_a_fresh_process_and_renders(tmp_path) -> None:
+    from benchmarks import large_photos
+    from msc_detector import MSCDetector
+
+    paths = large_photos.write_photos(tmp_path, 2, 80, 60)
+    tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 4, "patch_memory": 20}
+    MSCDetector(**tiny).fit(paths * 2).save(tmp_path / "m.msc")
+    found = large_photos.score(tmp_path / "m.msc", paths, [])
+    assert len(found["scores"]) == 2 and found["peak_rss_mb"] > 0
+    rows = [{"setting": "streamed", "seconds": 1.0, "peak_rss_mb": 100.0}]
+    settings = {"photos": 2, "width": 80, "height": 60}
+    result = {"command": "cmd", "settings": settings, "same_scores": True, "rows": rows}
+    assert "| streamed | 100 | 1.0 | 500 |" in large_photos.render(result)

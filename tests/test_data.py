@@ -12,6 +12,7 @@ from PIL import Image
 
 from msc_detector.data import (
     ArraySource,
+    BatchedImages,
     PathSource,
     PILSource,
     ResizedImages,
@@ -179,6 +180,31 @@ def test_squashing_keeps_the_whole_image_and_both_ends() -> None:
     source = as_image_source(wide.permute(1, 2, 0).numpy()[None])
     (batch,) = next(ResizedViews(source, 10, ["bilinear"], squash=True).batches(1))
     assert torch.equal(batch[0], out)
+
+
+class _Counted(ArraySource):
+    """An array source that records which images each ``load`` call decodes."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        super().__init__(images, channels_last=True)
+        self.calls: list[list[int]] = []
+
+    def load(self, indices):
+        self.calls.append(list(indices))
+        return super().load(indices)
+
+
+@pytest.mark.parametrize(("side", "calls"), [(2400, [[0], [1], [2]]), (40, [[0], [1, 2]])])
+def test_large_photos_are_decoded_and_resized_one_at_a_time(side: int, calls) -> None:
+    """A batch of 3-MP photos never sits in memory whole; small images still go together."""
+    images = np.random.default_rng(0).integers(0, 256, (3, side, side // 2, 3), dtype=np.uint8)
+    source = _Counted(images)
+    views = BatchedImages(source, 16, 3, ("bilinear", "nearest"), with_sizes=True)[0]
+    assert source.calls == calls
+    everything = torch.from_numpy(images).permute(0, 3, 1, 2)
+    for view, how in zip(views[:2], ("bilinear", "nearest"), strict=True):
+        assert torch.equal(view, resize_square(everything, 16, how))  # as one batch, exactly
+    assert views[2].tolist() == [[side, side // 2]] * 3
 
 
 def test_nearest_resize_turns_each_pixel_into_a_block() -> None:
