@@ -45,6 +45,7 @@ __all__ = [
     "as_image_source",
     "auto_image_size",
     "resize_square",
+    "resized_sides",
 ]
 
 _VALID_SHAPES = "(n, H, W), (n, H, W, 1) or (n, H, W, 3) numpy arrays, (n, C, H, W) tensors"
@@ -404,6 +405,18 @@ def auto_image_size(native: int, min_side: int | None) -> int:
     return min(native, max(64, 16 * math.ceil(4 * min_side / 16)))
 
 
+def resized_sides(height: int, width: int, size: int, squash: bool = False) -> tuple[int, int]:
+    """Height and width an image is resized to before its centre ``size`` square is kept.
+
+    ``size`` on both sides with ``squash``; else the shorter side becomes ``size`` and
+    the longer keeps the aspect ratio (see :func:`resize_square`).
+    """
+    if squash:
+        return size, size
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
+
+
 def resize_square(
     image: torch.Tensor, size: int, interpolation: str = "bilinear", *, squash: bool = False
 ) -> torch.Tensor:
@@ -433,10 +446,7 @@ def resize_square(
     x = image if batched else image.unsqueeze(0)
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        if squash:
-            new_h = new_w = size
+        new_h, new_w = resized_sides(h, w, size, squash)
         if interpolation == "nearest":
             x = F.interpolate(x.float(), size=(new_h, new_w), mode="nearest-exact")
         else:
@@ -509,22 +519,19 @@ class BatchedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size].tolist()
         images = self.source.load(idx[:1])
-        if images[0].shape[-2] * images[0].shape[-1] > _LARGE_PIXELS:
-            # One image at a time: only its resized views are kept before the next.
-            rest = (self.source.load([j])[0] for j in idx[1:])
+        large = images[0].shape[-2] * images[0].shape[-1] > _LARGE_PIXELS
+        if not large:
+            images += self.source.load(idx[1:])
+        if not large and all(im.shape == images[0].shape for im in images):
+            sizes = [im.shape[-2:] for im in images]
+            views = self._views(torch.stack(images))  # one resize for the batch
+        else:  # image by image; large ones decoded each after the last one is resized
+            rest = (self.source.load([j])[0] for j in idx[1:]) if large else iter(())
             sizes, parts = [], []
             for image in itertools.chain(images, rest):
                 sizes.append(image.shape[-2:])
                 parts.append(self._views(image[None]))
             views = tuple(torch.cat(view) for view in zip(*parts, strict=True))
-        else:
-            images += self.source.load(idx[1:])
-            sizes = [im.shape[-2:] for im in images]
-            if all(im.shape == images[0].shape for im in images):
-                views = self._views(torch.stack(images))  # one resize for the batch
-            else:
-                parts = [self._views(im[None]) for im in images]
-                views = tuple(torch.cat(view) for view in zip(*parts, strict=True))
         return (*views, torch.tensor(sizes, dtype=torch.int64)) if self.with_sizes else views
 
     def _views(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:

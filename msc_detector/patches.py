@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msc_detector.data import resized_sides
+
 __all__ = [
     "StageTap",
     "gaussian_blur",
@@ -282,8 +284,7 @@ def network_positions(
     :func:`msc_detector.augment.center_crop_normalize`). Positions outside
     ``[0, size]`` were never seen by the network.
     """
-    scale = load_size / min(n, other)
-    resized = load_size if squash else max(load_size, round(n * scale))
+    resized = resized_sides(n, other, load_size, squash)[0]
     start = (resized - load_size) // 2 + (load_size - size) // 2  # first input pixel
     return (torch.arange(n, dtype=torch.float64) + 0.5) * (resized / n) - start
 
