@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gc
 import importlib.util
+import io
 import json
 import os
 import re
@@ -138,7 +139,7 @@ def test_the_readme_commands_go_from_two_folders_to_a_report(
     assert "saved the model to model.msc" in done.stdout
     offset = MSCDetector.load(tmp_path / "model.msc").offset_
     assert re.search(r"threshold \(offset_\): (\S+)", done.stdout).group(1) == f"{offset:.6g}"
-    assert "epoch 1" in done.stderr  # the progress bar over the batches of an epoch
+    assert "epoch 1" not in done.stderr  # no progress bar where stderr is a pipe
 
     done = _run(executable, *score[1:], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -146,7 +147,7 @@ def test_the_readme_commands_go_from_two_folders_to_a_report(
     assert len(rows) == 12
     assert {row["label"] for row in rows} <= {"normal", "anomaly"}
     assert all(Path(row["neighbor_1"]).parent.parent == tmp_path / "normal" for row in rows)
-    assert "scoring" in done.stderr  # the progress bar
+    assert "scoring" not in done.stderr  # no progress bar where stderr is a pipe
 
     done = _run(executable, *report[1:], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -534,6 +535,27 @@ def test_quiet_and_verbose(
     captured = capsys.readouterr()
     assert "msc-detector: Embedding 6 training images" in captured.err  # a log record
     assert "saved the model to" in captured.out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_show_on_a_terminal_only(
+    folders: Path, tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, out = str(folders / "test"), tmp_path / "m.msc"
+    for stream, shown in ((_Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert main(["fit", images, "-o", str(out), *FAST]) == 0
+        assert main(["score", str(model), images, "-o", str(tmp_path / "s.csv")]) == 0
+        bars = stream.getvalue()
+        assert ("epoch 1" in bars and "scoring" in bars) is shown, bars
+        assert ("\r" in bars) is shown
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert main(["score", str(model), images, "-o", str(tmp_path / "s.csv"), "-q"]) == 0
+    assert sys.stderr.getvalue() == ""
 
 
 def test_inspect_prints_json_without_importing_torch(model: Path) -> None:

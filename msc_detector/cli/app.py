@@ -9,7 +9,8 @@ Conventions, shared by every command:
 
 * ``--help`` on the tool and on each command; ``--version``.
 * ``-v`` adds log messages (``-vv`` debug ones) and a traceback to an error; ``-q``
-  hides progress bars and status lines. Warnings print as one line each.
+  hides progress bars and status lines. Progress bars show only where stderr is a
+  terminal: a log file or a pipe gets no bar updates. Warnings print as one line each.
 * Exit status 0 on success, 1 on an error in the input (a missing folder, a damaged
   model file, an unwritable output...), 2 on a wrong option, 130 when interrupted. An
   error prints one line to stderr, ``msc-detector: error: ...``, without a traceback.
@@ -408,6 +409,14 @@ def _console(verbose: int) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (False for a file, a pipe or a capture)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # closed, or no isatty
+        return False
+
+
 def _silence_standard_output() -> None:
     """Point standard output at the null device once its reader is gone.
 
@@ -430,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     verbose: int = getattr(args, "verbose", 0)
     args.quiet = getattr(args, "quiet", False)
+    args.progress = not args.quiet and _is_terminal(sys.stderr)
     run: Callable[[argparse.Namespace], int] = args.run
     with _console(verbose), interrupts.handle_ctrl_c():
         try:

@@ -80,7 +80,7 @@ def fit(args: argparse.Namespace) -> int:
         precision=args.precision,
         num_workers=args.num_workers,
         random_state=args.random_state,
-        verbose=0 if args.quiet else 1,
+        verbose=int(args.progress),  # its progress bars
     )
     _status(args, f"fitting {args.backbone} on {len(files):,} images")
     start = time.perf_counter()
@@ -152,7 +152,7 @@ def score(args: argparse.Namespace) -> int:
             types[f"neighbor_{j}"] = "int"
     flagged = unreadable = 0
     with TableWriter(args.output, fmt, _score_columns(k), types) as table:
-        for chunk in score_files(detector, files, k, progress=not args.quiet):
+        for chunk in score_files(detector, files, k, progress=args.progress):
             interrupts.check()
             rows = _rows(chunk, detector, k)
             table.write(rows)
@@ -222,7 +222,7 @@ def report(args: argparse.Namespace) -> int:
     shown = html.TopMaps(args.top)  # the maps come from the scoring pass itself
     with_maps = detector.patch_bank_ is not None and args.top > 0
     start = 0
-    for chunk in score_files(detector, files, k, progress=not args.quiet, maps=with_maps):
+    for chunk in score_files(detector, files, k, progress=args.progress, maps=with_maps):
         interrupts.check()
         stop = start + len(chunk.paths)
         scores[start:stop] = chunk.scores
