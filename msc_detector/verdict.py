@@ -18,10 +18,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["IMAGE_SCORES", "ScoreRule"]
+__all__ = ["IMAGE_SCORES", "MEANINGS", "ScoreRule"]
 
 #: ``image_score`` values: which evidence a score uses and how it is joined.
 IMAGE_SCORES = ("combined", "global", "patch")
+#: What ``score_samples`` is under each ``image_score``, in words, for readers of reports.
+MEANINGS = {
+    "global": "minus the summed squared distance from its embedding to those of its nearest "
+    "normal training images",
+    "patch": "minus the peak of its anomaly map: how far its most unusual patch lies from "
+    "the nearest normal training patch, beyond the typical distance at that place",
+    "combined": "minus the sum of two anomalies, each counted in spreads of the training "
+    "images' own values: the whole image's (the summed squared distance from its "
+    "embedding to those of its nearest normal training images) and its most unusual "
+    "patch's (the peak of its anomaly map)",
+}
 # The scaled median absolute deviation estimates a normal distribution's sigma.
 _MAD_TO_SIGMA = 1.4826
 

@@ -134,7 +134,11 @@ def _report_data(tmp_path: Path, **changes: Any) -> ReportData:
     files.append(str(tmp_path / "images" / "gone.png"))
     data = ReportData(
         model_path=str(tmp_path / "m<1>.msc"),
-        metadata={"params": {"epochs": 1}, "versions": {"msc_detector": "<v>"}},
+        metadata={
+            "params": {"epochs": 1},
+            "versions": {"msc_detector": "<v>"},
+            "fitted": {"image_score_": "combined"},
+        },
         threshold=-0.5,
         threshold_source="the model's offset_",
         paths=files,
@@ -172,6 +176,18 @@ def test_report_escapes_names_and_embeds_everything(tmp_path: Path) -> None:
     for section in ("scores", "labels", "anomalies", "normal", "unreadable", "training"):
         assert f'id="{section}"' in document
     assert "ROC-AUC" in document and "best F1" in document
+
+
+@pytest.mark.parametrize("mode", ["combined", "global", "patch"])
+def test_the_report_says_what_the_models_score_is(tmp_path: Path, mode: str) -> None:
+    data = _report_data(tmp_path)
+    data.metadata["fitted"]["image_score_"] = mode
+    text = " ".join(re.sub(r"<[^>]+>", " ", render_report(data)).split())
+    scores = text.split("The score of an image is ")[1]
+    assert ("nearest normal training images" in scores.split("higher is more normal")[0]) is (
+        mode != "patch"
+    )
+    assert ("anomaly map" in scores.split("higher is more normal")[0]) is (mode != "global")
 
 
 def test_report_without_labels_history_or_training_files(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from msc_detector.cli import evaluation, svg
 from msc_detector.cli.outputs import atomic_file, printable
 from msc_detector.cli.thumbnails import HEAT_COLORS, Thumbnail, make_overlay, make_thumbnail
+from msc_detector.verdict import MEANINGS
 
 __all__ = ["MapPeak", "ReportData", "TopMaps", "render_report", "write_report"]
 
@@ -263,6 +264,7 @@ def _summary(data: ReportData, scored: np.ndarray, curves: evaluation.Curves | N
 
 
 def _histogram(data: ReportData, scored: np.ndarray) -> str:
+    mode = data.metadata["fitted"]["image_score_"]
     groups = []
     labelled = data.labels >= 0
     if labelled[scored].any():
@@ -303,8 +305,7 @@ def _histogram(data: ReportData, scored: np.ndarray) -> str:
     )
     return (
         '<section id="scores"><h2>Scores</h2>'
-        "<p>The score of an image is minus the summed squared distance from its embedding "
-        "to those of its nearest normal training images: higher is more normal. Images "
+        f"<p>The score of an image is {escape(MEANINGS[mode])}: higher is more normal. Images "
         f"scoring below the threshold ({escape(data.threshold_source)}) are flagged as "
         "anomalies. The dashed outline shows the training images, each scored against the "
         "others; each group is drawn as shares of its own size.</p>"
