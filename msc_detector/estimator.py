@@ -447,7 +447,7 @@ class MSCDetector(FittedViews, OutlierMixin, BaseEstimator):
 
         The share of training images whose leave-self-out score is as low or lower,
         ``(count + 1) / (n_train + 1)``: a threshold of 0.01 flags about 1% of normal
-        images, whatever the data.
+        images drawn like the training images (where they shift, see the user guide).
 
         Returns
         -------

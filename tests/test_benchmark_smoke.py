@@ -252,3 +252,21 @@ def test_large_photos_scores_in_a_fresh_process_and_renders(tmp_path) -> None:
     settings = {"photos": 2, "width": 80, "height": 60}
     result = {"command": "cmd", "settings": settings, "same_scores": True, "rows": rows}
     assert "| streamed | 100 | 1.0 | 500 |" in large_photos.render(result)
+
+
+def test_false_alarms_tiles_do_not_overlap_and_a_tiny_detector_is_counted() -> None:
+    from benchmarks import false_alarms
+
+    train, test, is_anomaly = false_alarms.tiles("grass")
+    assert train.shape == (60, 48, 48) and test.shape == (40, 48, 48, 3)
+    assert is_anomaly.sum() == 20 and not is_anomaly[:20].any()
+    normal = test[:20, ..., 0]
+    assert not (normal[:, None] == train[None]).all(axis=(2, 3)).any()  # no tile twice
+    assert (test[20:] != test[20:, ..., :1]).any()  # the defects are in colour
+    tiny = {"weights": None, "image_size": 32, "epochs": 0, "batch_size": 16, "patch_memory": 20}
+    row = false_alarms.measure("tiles:grass", **tiny)
+    assert (row["n_train"], row["n_normal"], row["n_anomalies"]) == (60, 20, 20)
+    for key in ("normal_flagged", "normal_below_1pct", "anomalies_flagged"):
+        assert 0 <= row[key] <= 1 and row[key] * 20 == round(row[key] * 20)
+    table = false_alarms.render({"tiles:grass": row}, "cmd", {})
+    assert "| tiles:grass | 60 | 20 |" in table
