@@ -65,7 +65,8 @@ def test_a_thumbnail_mark_rings_the_place(tmp_path: Path) -> None:
 
 def test_report_shows_maps_beside_flagged_images_only_when_it_has_them(tmp_path: Path) -> None:
     plain = render_report(_report_data(tmp_path))
-    assert "anomaly map" not in plain and 'class="heat"' not in plain
+    assert ">anomaly map<" not in plain and '<figure class="map"' not in plain
+    assert 'class="heat"' not in plain
     rng = np.random.default_rng(0)
     maps = {0: rng.random((20, 30)).astype(np.float32), 1: rng.random((21, 30)) * 3}
     peaks = {0: MapPeak(distance=0.75, train_index=2, train_position=(0.5, 0.25))}
