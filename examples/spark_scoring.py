@@ -23,7 +23,10 @@ from PIL import Image
 from msc_detector import MSCDetector
 from msc_detector.datasets import load_fashion_mnist
 
-SCHEMA = "position long, path string, score double, decision double, label string, error string"
+SCHEMA = (
+    "position long, path string, score double, decision double, label string, "
+    "false_alarm_rate double, error string"
+)
 
 
 def make_scorer(broadcast, threads: int = 1):

@@ -40,6 +40,9 @@ class Chunk:
     paths : list of str
     scores : ndarray of shape (n,), float64
         ``score_samples`` of each file: higher is more normal.
+    false_alarm_rates : ndarray of shape (n,), float64
+        ``false_alarm_rate`` of each file: the share of training images scoring as low
+        or lower.
     neighbors : ndarray of shape (n, k), int64
         Positions in the training set of the nearest training images, nearest first.
     distances : ndarray of shape (n, k), float32
@@ -54,6 +57,7 @@ class Chunk:
 
     paths: list[str]
     scores: np.ndarray
+    false_alarm_rates: np.ndarray
     neighbors: np.ndarray
     distances: np.ndarray
     errors: list[str | None]
@@ -87,6 +91,7 @@ def _score_chunk(detector: Any, paths: Sequence[str], k: int, maps: bool) -> Chu
     chunk = Chunk(
         list(paths),
         np.full(n, np.nan),
+        np.full(n, np.nan),
         np.full((n, k), -1, np.int64),
         np.full((n, k), np.nan, np.float32),
         [check_readable(path) for path in paths],
@@ -106,6 +111,7 @@ def _score_chunk(detector: Any, paths: Sequence[str], k: int, maps: bool) -> Chu
                 chunk.errors[i] = str(exc)
     for rows, found in results:
         chunk.scores[rows] = found.scores
+        chunk.false_alarm_rates[rows] = found.false_alarm_rates
         if k:
             chunk.neighbors[rows] = found.indices
             chunk.distances[rows] = found.distances

@@ -35,6 +35,7 @@ def table_columns(neighbors: int, train_paths: bool) -> dict[str, Any]:
     """
     columns: dict[str, Any] = {"path": "str", "score": "float64", "decision": "float64"}
     columns["label"] = "str"
+    columns["false_alarm_rate"] = "float64"
     for j in range(1, neighbors + 1):
         columns[f"neighbor_{j}"] = "str" if train_paths else "Int64"
         columns[f"neighbor_{j}_distance"] = "float64"
@@ -70,6 +71,7 @@ def score_table(
         Indexed by ``position``; columns ``path``, ``score`` (``score_samples``),
         ``decision`` (``score - offset_``), ``label`` (``"anomaly"`` where
         ``decision < 0``, else ``"normal"``; missing for a failed file),
+        ``false_alarm_rate`` (:meth:`~msc_detector.MSCDetector.false_alarm_rate`),
         ``neighbor_<j>`` and ``neighbor_<j>_distance``, and ``error`` (why a file could
         not be scored, else missing).
     """
@@ -86,6 +88,7 @@ def score_table(
         "score": chunk.scores,
         "decision": decision,
         "label": label,
+        "false_alarm_rate": chunk.false_alarm_rates,
     }
     train_paths = detector.train_paths_
     for j in range(k):
@@ -109,10 +112,11 @@ def _join(chunks: list[scoring.Chunk], neighbors: int) -> scoring.Chunk:
     """One chunk holding the rows of ``chunks`` in order."""
     if not chunks:
         empty = np.empty((0, neighbors))
-        return scoring.Chunk([], np.empty(0), empty.astype(np.int64), empty, [])
+        return scoring.Chunk([], np.empty(0), np.empty(0), empty.astype(np.int64), empty, [])
     return scoring.Chunk(
         [path for chunk in chunks for path in chunk.paths],
         np.concatenate([chunk.scores for chunk in chunks]),
+        np.concatenate([chunk.false_alarm_rates for chunk in chunks]),
         np.concatenate([chunk.neighbors for chunk in chunks]),
         np.concatenate([chunk.distances for chunk in chunks]),
         [error for chunk in chunks for error in chunk.errors],

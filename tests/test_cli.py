@@ -281,10 +281,13 @@ def test_unreadable_files_are_reported_in_their_rows(
     assert "truncated" in rows["truncated.jpg"]["error"]
     assert rows["missing.png"]["error"] == "no such file"
     assert all(rows[name]["score"] == "" and rows[name]["label"] == "" for name in bad)
+    assert all(rows[name]["false_alarm_rate"] == "" for name in bad)
     good = [row for name, row in rows.items() if name not in bad]
     detector = MSCDetector.load(model)
     expected = detector.score_samples([row["path"] for row in good])
     np.testing.assert_allclose([float(row["score"]) for row in good], expected, rtol=1e-5)
+    rates = detector.false_alarm_rate([row["path"] for row in good])
+    np.testing.assert_allclose([float(row["false_alarm_rate"]) for row in good], rates)
     assert "4 could not be read" in capsys.readouterr().out
 
 
@@ -324,6 +327,7 @@ def test_no_neighbour_columns_with_zero(model: Path, folders: Path, tmp_path: Pa
         "score",
         "decision",
         "label",
+        "false_alarm_rate",
         "error",
         "path_quoted",
     ]

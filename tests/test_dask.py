@@ -124,10 +124,13 @@ def _check_rows(result: pd.DataFrame, paths: list[str], detector: MSCDetector) -
     np.testing.assert_allclose(good["decision"], expected - detector.offset_, rtol=1e-5)
     labels = np.where(expected - detector.offset_ < 0, "anomaly", "normal")  # as predict
     assert list(good["label"]) == list(labels)
+    rates = detector.false_alarm_rate(list(good["path"]))
+    np.testing.assert_allclose(good["false_alarm_rate"], rates)
+    assert ((rates > 0) & (rates <= 1)).all()
     failed = result[bad].set_index(result[bad]["path"].map(lambda p: Path(p).name))
     assert set(failed.index) == BAD
     assert failed["score"].isna().all() and failed["decision"].isna().all()
-    assert failed["label"].isna().all()
+    assert failed["label"].isna().all() and failed["false_alarm_rate"].isna().all()
     assert failed.loc["missing.png", "error"] == "no such file"
     assert failed.loc["folder.png", "error"] == "is a folder, not an image file"
     assert "cannot read the image" in failed.loc["not_an_image.png", "error"]
@@ -142,7 +145,14 @@ def test_rows_equal_in_process_scoring(
     params, offset = timm_detector.get_params(), timm_detector.offset_
     frame = msc_dask.score_files(timm_detector, paths, client=client, partition_size=7)
     assert frame.npartitions == 8
-    assert list(frame.columns) == ["path", "score", "decision", "label", "error"]
+    assert list(frame.columns) == [
+        "path",
+        "score",
+        "decision",
+        "label",
+        "false_alarm_rate",
+        "error",
+    ]
     result = frame.compute()
     _check_rows(result, paths, timm_detector)
     assert paths == given  # nothing the user passed is changed

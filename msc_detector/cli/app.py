@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score images and write one row per image",
         description="Score images with a fitted model. Writes one row per image: path, score "
         "(higher is more normal), decision (score minus the threshold), label (normal or "
-        "anomaly), the nearest normal training images and their distances, error (why a "
+        "anomaly), false_alarm_rate (the share of training images scoring as low or "
+        "lower), the nearest normal training images and their distances, error (why a "
         "file could not be read; other files are still scored), and path_quoted (the path's "
         "bytes percent-encoded: it leads back to a file whose name is not UTF-8, which path "
         "shows with U+FFFD).",

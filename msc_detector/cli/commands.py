@@ -102,7 +102,7 @@ def fit(args: argparse.Namespace) -> int:
 
 
 def _score_columns(k: int) -> list[str]:
-    columns = ["path", "score", "decision", "label"]
+    columns = ["path", "score", "decision", "label", "false_alarm_rate"]
     for j in range(1, k + 1):
         columns += [f"neighbor_{j}", f"neighbor_{j}_distance"]
     return [*columns, "error", "path_quoted"]
@@ -124,6 +124,7 @@ def _rows(chunk: Any, detector: Any, k: int) -> list[dict[str, Any]]:
         score = float(chunk.scores[i])
         decision = score - detector.offset_
         row.update(score=score, decision=decision, label="anomaly" if decision < 0 else "normal")
+        row["false_alarm_rate"] = float(chunk.false_alarm_rates[i])
         for j in range(k):
             index = int(chunk.neighbors[i, j])
             row[f"neighbor_{j + 1}"] = index if train_paths is None else train_paths[index]
@@ -145,7 +146,7 @@ def score(args: argparse.Namespace) -> int:
         check_writable(args.output)
     detector, _ = _load(args)
     k = min(args.neighbors, detector.n_train_)
-    types = {"score": "float", "decision": "float"}
+    types = {"score": "float", "decision": "float", "false_alarm_rate": "float"}
     for j in range(1, k + 1):
         types[f"neighbor_{j}_distance"] = "float"
         if detector.train_paths_ is None:
