@@ -543,6 +543,31 @@ def test_quiet_and_verbose(
     assert "saved the model to" in captured.out
 
 
+def test_a_note_where_the_threshold_flags_most_of_many_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    flat = rng.integers(120, 136, (8, 32, 32, 3), np.uint8)  # the normal images
+    MSCDetector(weights=None, image_size=32, epochs=0, random_state=0).fit(flat).save(
+        tmp_path / "m.msc"
+    )
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i in range(24):  # noise, unlike every training image
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(folder / f"{i}.png")
+    score = ["score", str(tmp_path / "m.msc"), str(folder), "-o", str(tmp_path / "s.csv")]
+    assert main(score) == 0
+    captured = capsys.readouterr()
+    assert "note: 24 of 24 images (100%) are flagged" in captured.err
+    assert "--threshold" in captured.err and "note:" not in captured.out
+    for quieter in (["--threshold=-1e9"], ["-q"]):  # a threshold given; quiet
+        assert main([*score, *quieter]) == 0
+        assert "note:" not in capsys.readouterr().err
+    few = sorted(folder.iterdir())[: 20 - 1]
+    assert main(["score", str(tmp_path / "m.msc"), *map(str, few), "-o", "-"]) == 0
+    assert "note:" not in capsys.readouterr().err  # too few images to say
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -22,11 +22,30 @@ from msc_detector.cli.outputs import check_writable, printable, quote_path
 
 __all__ = ["fit", "inspect", "report", "score"]
 
+# Images scored from which a share flagged far above contamination earns a note.
+_MANY = 20
+
 
 def _status(args: argparse.Namespace, message: str, *, to_stderr: bool = False) -> None:
     """Print a status line unless ``-q``: to stdout, or stderr where stdout carries data."""
     if not args.quiet:
         print(printable(message), file=sys.stderr if to_stderr else sys.stdout, flush=True)
+
+
+def _note_many_flagged(args: argparse.Namespace, detector: Any, flagged: int, scored: int) -> None:
+    """Say, where the model's threshold flags most of many images, what that may mean."""
+    share, expected = flagged / max(scored, 1), float(detector.contamination)
+    if args.threshold is not None or scored < _MANY or share < max(0.5, 3 * expected):
+        return
+    _status(
+        args,
+        f"note: {flagged:,} of {scored:,} images ({share:.0%}) are flagged, where the "
+        f"threshold flags about {expected:.0%} of normal images like the training ones. If "
+        "most of these are normal, they differ from the training images (another batch, "
+        "other lighting): score normal images held out from them and pass a threshold "
+        "set from their scores with --threshold (see 'Thresholds' in the user guide).",
+        to_stderr=True,
+    )
 
 
 def _model_file(model: str) -> str:
@@ -167,6 +186,7 @@ def score(args: argparse.Namespace) -> int:
         f"{problems}; wrote {where}",
         to_stderr=to_stdout,
     )
+    _note_many_flagged(args, detector, flagged, len(files) - unreadable)
     return 0
 
 
@@ -261,6 +281,7 @@ def report(args: argparse.Namespace) -> int:
         f"wrote the report to {args.output} ({n - len(errors):,} images scored, {flagged:,} "
         f"flagged as anomalies{problems})",
     )
+    _note_many_flagged(args, detector, flagged, n - len(errors))
     return 0
 
 
