@@ -145,14 +145,8 @@ def test_rows_equal_in_process_scoring(
     params, offset = timm_detector.get_params(), timm_detector.offset_
     frame = msc_dask.score_files(timm_detector, paths, client=client, partition_size=7)
     assert frame.npartitions == 8
-    assert list(frame.columns) == [
-        "path",
-        "score",
-        "decision",
-        "label",
-        "false_alarm_rate",
-        "error",
-    ]
+    columns = ["path", "score", "decision", "label", "false_alarm_rate", "error"]
+    assert list(frame.columns) == columns
     result = frame.compute()
     _check_rows(result, paths, timm_detector)
     assert paths == given  # nothing the user passed is changed
