@@ -427,6 +427,12 @@ class _Walk:
         self.pos = 0
         self.structures_only = structures_only
 
+    @classmethod
+    def over(cls, blob: bytes | np.ndarray, structures_only: bool = False) -> _Walk:
+        """Return a cursor at the start of ``blob``: bytes, or a uint8 array of any shape."""
+        data = np.frombuffer(blob, np.uint8) if isinstance(blob, bytes) else blob
+        return cls(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1).data, structures_only)
+
     @property
     def left(self) -> int:
         return len(self.data) - self.pos
@@ -481,8 +487,7 @@ def check_serialized_sizes(blob: bytes | np.ndarray) -> None:
     offsets), on a structure it does not know, or on bytes left over. Passing it does not
     make the bytes trustworthy; it bounds what Faiss's reader allocates by their size.
     """
-    data = np.frombuffer(blob, np.uint8) if isinstance(blob, bytes) else blob
-    walk = _Walk(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1).data)
+    walk = _Walk.over(blob)
     _walk_index(walk, 0)
     walk.require(walk.left == 0, f"{walk.left} bytes follow the index")
 
@@ -493,8 +498,7 @@ def check_structures(blob: bytes | np.ndarray) -> None:
     An index whose bytes fail this could be fitted but never loaded back from a model
     file or a pickle; :func:`check_serialized_sizes` would refuse them.
     """
-    data = np.frombuffer(blob, np.uint8) if isinstance(blob, bytes) else blob
-    _walk_index(_Walk(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1).data, True), 0)
+    _walk_index(_Walk.over(blob, structures_only=True), 0)
 
 
 def _walk_header(walk: _Walk) -> tuple[int, int]:
